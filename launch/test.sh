@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# launch/test.sh: the README's test command. Sets up (if needed), builds, and runs every test
+# with ctest. Extra arguments go to ctest, e.g. `launch/test.sh -R model` or `-L mpi`.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+"$DIFFUSE_ROOT/launch/setup.sh"
+say "running tests (ctest in $DIFFUSE_BUILD_DIR)"
+cd "$DIFFUSE_BUILD_DIR"
+ctest --output-on-failure --timeout 900 "$@"
