@@ -19,6 +19,11 @@ target_include_directories(diffuse_common INTERFACE
   ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR}/generated)
 target_compile_options(diffuse_common INTERFACE -Wall -Wextra -Wno-unused-parameter -Winvalid-pch)
 target_link_libraries(diffuse_common INTERFACE ${TORCH_LIBRARIES} Threads::Threads)
+# The torch wheel's libtorch*.so export pieces of a statically linked libstdc++ (std::filesystem
+# among them, pytorch/pytorch#133437); if they are searched first, std::filesystem::remove_all
+# jumps to a null pointer. Putting libstdc++ first in DT_NEEDED makes the dynamic linker bind
+# the standard library's own definitions.
+target_link_options(diffuse_common INTERFACE "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")
 # Macros set for everyone: a translation unit whose -D flags differ from the precompiled
 # header's cannot use it. GoogleTest puts GTEST_HAS_PTHREAD on its consumers; fmt is LibTorch's
 # bundled fmt 12, used header-only (LibTorch exports no fmt symbols).

@@ -1,0 +1,411 @@
+// One table of fields drives parsing, overrides, serialisation and the list of keys, so the
+// YAML reader, `--set` and the written config can never disagree about a key.
+#include "trainer/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <variant>
+
+namespace diffuse::trainer {
+namespace {
+
+using FieldRef = std::variant<int64_t*, double*, bool*, std::string*, std::vector<int64_t>*,
+                              std::vector<bool>*, std::vector<double>*>;
+
+struct Field {
+  std::string section;
+  std::string key;
+  FieldRef ref;
+};
+
+std::string join(const std::vector<std::string>& items, const std::string& separator) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : separator) + item;
+  return out;
+}
+
+std::vector<Field> fields_of(Config& c) {
+  return {
+      {"model", "dim", &c.model.dim},
+      {"model", "dim_mults", &c.model.dim_mults},
+      {"model", "channels", &c.model.channels},
+      {"model", "self_condition", &c.model.self_condition},
+      {"model", "learned_variance", &c.model.learned_variance},
+      {"model", "dropout", &c.model.dropout},
+      {"model", "attn_heads", &c.model.attn_heads},
+      {"model", "attn_dim_head", &c.model.attn_dim_head},
+      {"model", "full_attn", &c.model.full_attn},
+      {"model", "flash_attn", &c.model.flash_attn},
+      {"diffusion", "timesteps", &c.diffusion.timesteps},
+      {"diffusion", "objective", &c.diffusion.objective},
+      {"diffusion", "beta_schedule", &c.diffusion.beta_schedule},
+      {"diffusion", "min_snr_loss_weight", &c.diffusion.min_snr_loss_weight},
+      {"diffusion", "min_snr_gamma", &c.diffusion.min_snr_gamma},
+      {"diffusion", "offset_noise_strength", &c.diffusion.offset_noise_strength},
+      {"diffusion", "vlb_weight", &c.diffusion.vlb_weight},
+      {"diffusion", "timestep_sampler", &c.diffusion.timestep_sampler},
+      {"data", "path", &c.data.path},
+      {"data", "image_size", &c.data.image_size},
+      {"data", "random_flip", &c.data.random_flip},
+      {"data", "workers", &c.data.workers},
+      {"data", "prefetch", &c.data.prefetch},
+      {"train", "steps", &c.train.steps},
+      {"train", "batch_size", &c.train.batch_size},
+      {"train", "accumulate", &c.train.accumulate},
+      {"train", "lr", &c.train.lr},
+      {"train", "lr_schedule", &c.train.lr_schedule},
+      {"train", "warmup_steps", &c.train.warmup_steps},
+      {"train", "min_lr_ratio", &c.train.min_lr_ratio},
+      {"train", "weight_decay", &c.train.weight_decay},
+      {"train", "adam_beta1", &c.train.adam_beta1},
+      {"train", "adam_beta2", &c.train.adam_beta2},
+      {"train", "adam_eps", &c.train.adam_eps},
+      {"train", "max_grad_norm", &c.train.max_grad_norm},
+      {"train", "precision", &c.train.precision},
+      {"train", "seed", &c.train.seed},
+      {"train", "device", &c.train.device},
+      {"train", "bucket_cap_mb", &c.train.bucket_cap_mb},
+      {"train", "grad_compression", &c.train.grad_compression},
+      {"train", "collective_timeout_s", &c.train.collective_timeout_s},
+      {"train", "loss_scale_init", &c.train.loss_scale_init},
+      {"train", "loss_scale_growth_interval", &c.train.loss_scale_growth_interval},
+      {"train", "max_consecutive_skipped", &c.train.max_consecutive_skipped},
+      {"train", "min_loss_scale", &c.train.min_loss_scale},
+      {"train", "channels_last", &c.train.channels_last},
+      {"ema", "decay", &c.ema.decay},
+      {"ema", "update_every", &c.ema.update_every},
+      {"ema", "update_after_step", &c.ema.update_after_step},
+      {"ema", "inv_gamma", &c.ema.inv_gamma},
+      {"ema", "power", &c.ema.power},
+      {"ema", "min_value", &c.ema.min_value},
+      {"checkpoint", "every", &c.checkpoint.every},
+      {"checkpoint", "keep_last", &c.checkpoint.keep_last},
+      {"checkpoint", "keep_every", &c.checkpoint.keep_every},
+      {"checkpoint", "stop_on_error", &c.checkpoint.stop_on_error},
+      {"log", "every", &c.log.every},
+      {"log", "sample_every", &c.log.sample_every},
+      {"log", "num_samples", &c.log.num_samples},
+      {"log", "sample_steps", &c.log.sample_steps},
+      {"log", "sample_seed", &c.log.sample_seed},
+  };
+}
+
+std::string type_name(const FieldRef& ref) {
+  return std::visit(
+      [](auto* p) -> std::string {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, int64_t>) return "an integer";
+        if constexpr (std::is_same_v<T, double>) return "a number";
+        if constexpr (std::is_same_v<T, bool>) return "true or false";
+        if constexpr (std::is_same_v<T, std::string>) return "a string";
+        if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "a list of integers, e.g. [1, 2, 4]";
+        if constexpr (std::is_same_v<T, std::vector<bool>>) return "a list of true/false";
+        if constexpr (std::is_same_v<T, std::vector<double>>) return "a number or a list of numbers";
+      },
+      ref);
+}
+
+std::string describe(const YAML::Node& node) {
+  YAML::Emitter out;
+  out << YAML::Flow << node;
+  return out.c_str();
+}
+
+template <typename T>
+T scalar_as(const YAML::Node& node) {
+  if (!node.IsScalar()) throw YAML::BadConversion(node.Mark());
+  return node.as<T>();
+}
+
+void assign(const Field& field, const YAML::Node& node) {
+  try {
+    std::visit(
+        [&](auto* p) {
+          using T = std::remove_pointer_t<decltype(p)>;
+          if constexpr (std::is_same_v<T, std::vector<double>>) {
+            if (node.IsScalar()) {
+              *p = {scalar_as<double>(node)};
+            } else if (node.IsSequence()) {
+              T values;
+              for (const auto& item : node) values.push_back(scalar_as<double>(item));
+              *p = values;
+            } else {
+              throw YAML::BadConversion(node.Mark());
+            }
+          } else if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<bool>>) {
+            if (!node.IsSequence()) throw YAML::BadConversion(node.Mark());
+            T values;
+            for (const auto& item : node) values.push_back(scalar_as<typename T::value_type>(item));
+            *p = values;
+          } else if constexpr (std::is_same_v<T, std::string>) {
+            if (!node.IsScalar() && !node.IsNull()) throw YAML::BadConversion(node.Mark());
+            *p = node.IsNull() ? std::string() : node.as<std::string>();
+          } else {
+            *p = scalar_as<T>(node);
+          }
+        },
+        field.ref);
+  } catch (const YAML::Exception&) {
+    throw std::invalid_argument("config key " + field.section + "." + field.key + ": got '" + describe(node) +
+                                "', expected " + type_name(field.ref));
+  }
+}
+
+void emit(YAML::Emitter& out, const FieldRef& ref) {
+  std::visit(
+      [&](auto* p) {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<double>>) {
+          out << YAML::Flow << YAML::BeginSeq;
+          for (auto v : *p) out << v;
+          out << YAML::EndSeq;
+        } else if constexpr (std::is_same_v<T, std::vector<bool>>) {
+          out << YAML::Flow << YAML::BeginSeq;
+          for (bool v : *p) out << v;
+          out << YAML::EndSeq;
+        } else if constexpr (std::is_same_v<T, double>) {
+          // Shortest text that reads back to the same double, so to_yaml round-trips exactly.
+          std::ostringstream text;
+          text.precision(17);
+          text << *p;
+          double back = std::stod(text.str());
+          for (int digits = 6; digits < 17; ++digits) {
+            std::ostringstream shorter;
+            shorter.precision(digits);
+            shorter << *p;
+            if (std::stod(shorter.str()) == back) {
+              text.str(shorter.str());
+              break;
+            }
+          }
+          std::string s = text.str();
+          // Keep it a float in YAML's eyes (1 -> 1.0) for readability.
+          if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+          out << s;
+        } else {
+          out << *p;
+        }
+      },
+      ref);
+}
+
+const Field* find(const std::vector<Field>& fields, const std::string& section, const std::string& key) {
+  for (const auto& field : fields) {
+    if (field.section == section && field.key == key) return &field;
+  }
+  return nullptr;
+}
+
+std::vector<std::string> keys_of_section(const std::vector<Field>& fields, const std::string& section) {
+  std::vector<std::string> keys;
+  for (const auto& field : fields) {
+    if (field.section == section) keys.push_back(field.key);
+  }
+  return keys;
+}
+
+const std::vector<std::string>& sections() {
+  static const std::vector<std::string> names{"model", "diffusion", "data", "train", "ema", "checkpoint", "log"};
+  return names;
+}
+
+void require(bool ok, const std::string& key, const std::string& value, const std::string& allowed) {
+  if (!ok) throw std::invalid_argument("config key " + key + ": got " + value + ", expected " + allowed);
+}
+
+void require_choice(const std::string& key, const std::string& value, const std::vector<std::string>& choices) {
+  for (const auto& choice : choices) {
+    if (value == choice) return;
+  }
+  require(false, key, "'" + value + "'", "one of: " + join(choices, ", "));
+}
+
+}  // namespace
+
+Config Config::from_yaml(const std::string& text, const std::string& name) {
+  Config config;
+  config.name = name;
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& error) {
+    throw std::invalid_argument(std::string("config is not valid YAML: ") + error.what());
+  }
+  if (root.IsNull()) return config;
+  if (!root.IsMap()) throw std::invalid_argument("config must be a mapping of sections (model, data, train, ...)");
+  auto fields = fields_of(config);
+  for (const auto& section : root) {
+    auto section_name = section.first.as<std::string>();
+    if (std::find(sections().begin(), sections().end(), section_name) == sections().end()) {
+      throw std::invalid_argument("unknown config section '" + section_name + "'; expected one of: " +
+                                  join(sections(), ", "));
+    }
+    if (section.second.IsNull()) continue;
+    if (!section.second.IsMap()) {
+      throw std::invalid_argument("config section '" + section_name + "' must be a mapping of keys");
+    }
+    for (const auto& entry : section.second) {
+      auto key = entry.first.as<std::string>();
+      const Field* field = find(fields, section_name, key);
+      if (field == nullptr) {
+        throw std::invalid_argument("unknown config key '" + section_name + "." + key + "'; " + section_name +
+                                    " accepts: " + join(keys_of_section(fields, section_name), ", "));
+      }
+      assign(*field, entry.second);
+    }
+  }
+  return config;
+}
+
+Config Config::from_yaml_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument("cannot read config file " + path.string());
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    return from_yaml(text.str(), path.stem().string());
+  } catch (const std::invalid_argument& error) {
+    throw std::invalid_argument(path.string() + ": " + error.what());
+  }
+}
+
+std::string Config::to_yaml() const {
+  auto fields = fields_of(const_cast<Config&>(*this));
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  for (const auto& section : sections()) {
+    out << YAML::Key << section << YAML::Value << YAML::BeginMap;
+    for (const auto& field : fields) {
+      if (field.section != section) continue;
+      out << YAML::Key << field.key << YAML::Value;
+      emit(out, field.ref);
+    }
+    out << YAML::EndMap;
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+void Config::apply_override(const std::string& assignment) {
+  auto equals = assignment.find('=');
+  auto dot = assignment.find('.');
+  if (equals == std::string::npos || dot == std::string::npos || dot > equals) {
+    throw std::invalid_argument("--set expects section.key=value, got '" + assignment + "'");
+  }
+  std::string section = assignment.substr(0, dot);
+  std::string key = assignment.substr(dot + 1, equals - dot - 1);
+  std::string value = assignment.substr(equals + 1);
+  auto fields = fields_of(*this);
+  const Field* field = find(fields, section, key);
+  if (field == nullptr) {
+    if (std::find(sections().begin(), sections().end(), section) == sections().end()) {
+      throw std::invalid_argument("--set " + assignment + ": unknown section '" + section + "'; expected one of: " +
+                                  join(sections(), ", "));
+    }
+    throw std::invalid_argument("--set " + assignment + ": unknown key '" + section + "." + key + "'; " + section +
+                                " accepts: " + join(keys_of_section(fields, section), ", "));
+  }
+  YAML::Node node;
+  try {
+    node = YAML::Load(value);
+  } catch (const YAML::Exception&) {
+    node = YAML::Node(value);
+  }
+  try {
+    assign(*field, node);
+  } catch (const std::invalid_argument& error) {
+    throw std::invalid_argument("--set " + assignment + ": " + error.what());
+  }
+}
+
+void Config::validate() const {
+  auto positive = [](const std::string& key, int64_t v) { require(v > 0, key, std::to_string(v), "an integer > 0"); };
+  auto non_negative = [](const std::string& key, int64_t v) {
+    require(v >= 0, key, std::to_string(v), "an integer >= 0");
+  };
+  positive("model.dim", model.dim);
+  require(!model.dim_mults.empty(), "model.dim_mults", "[]", "a non-empty list of positive integers");
+  for (auto m : model.dim_mults) positive("model.dim_mults", m);
+  require(model.channels == 1 || model.channels == 3, "model.channels", std::to_string(model.channels), "1 or 3");
+  require(model.dropout >= 0 && model.dropout < 1, "model.dropout", std::to_string(model.dropout), "0 <= dropout < 1");
+  positive("model.attn_heads", model.attn_heads);
+  positive("model.attn_dim_head", model.attn_dim_head);
+  require(model.full_attn.empty() || model.full_attn.size() == 1 || model.full_attn.size() == model.dim_mults.size(),
+          "model.full_attn", std::to_string(model.full_attn.size()) + " entries",
+          "empty, one entry, or one per stage (" + std::to_string(model.dim_mults.size()) + ")");
+
+  positive("diffusion.timesteps", diffusion.timesteps);
+  require_choice("diffusion.objective", diffusion.objective, {"pred_noise", "pred_x0", "pred_v"});
+  require_choice("diffusion.beta_schedule", diffusion.beta_schedule, {"linear", "cosine", "sigmoid"});
+  require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", std::to_string(diffusion.min_snr_gamma), "> 0");
+  require(diffusion.offset_noise_strength >= 0, "diffusion.offset_noise_strength",
+          std::to_string(diffusion.offset_noise_strength), ">= 0");
+  require(diffusion.vlb_weight >= 0, "diffusion.vlb_weight", std::to_string(diffusion.vlb_weight), ">= 0");
+  require_choice("diffusion.timestep_sampler", diffusion.timestep_sampler, {"uniform", "loss-aware"});
+
+  require(!data.path.empty(), "data.path", "''", "the path of an HDF5 dataset made by `diffuse prep`");
+  int64_t factor = int64_t{1} << (model.dim_mults.size() - 1);
+  require(data.image_size > 0 && data.image_size % factor == 0, "data.image_size", std::to_string(data.image_size),
+          "a positive multiple of " + std::to_string(factor) + " (2^(stages-1) for " +
+              std::to_string(model.dim_mults.size()) + " stages)");
+  positive("data.workers", data.workers);
+  positive("data.prefetch", data.prefetch);
+
+  positive("train.steps", train.steps);
+  positive("train.batch_size", train.batch_size);
+  positive("train.accumulate", train.accumulate);
+  require(train.lr > 0, "train.lr", std::to_string(train.lr), "a learning rate > 0");
+  require_choice("train.lr_schedule", train.lr_schedule, {"constant", "cosine"});
+  non_negative("train.warmup_steps", train.warmup_steps);
+  require(train.min_lr_ratio >= 0 && train.min_lr_ratio <= 1, "train.min_lr_ratio", std::to_string(train.min_lr_ratio),
+          "0..1");
+  require(train.weight_decay >= 0, "train.weight_decay", std::to_string(train.weight_decay), ">= 0");
+  require(train.adam_beta1 >= 0 && train.adam_beta1 < 1, "train.adam_beta1", std::to_string(train.adam_beta1), "0..1");
+  require(train.adam_beta2 >= 0 && train.adam_beta2 < 1, "train.adam_beta2", std::to_string(train.adam_beta2), "0..1");
+  require(train.adam_eps > 0, "train.adam_eps", std::to_string(train.adam_eps), "> 0");
+  require(train.max_grad_norm >= 0, "train.max_grad_norm", std::to_string(train.max_grad_norm), ">= 0 (0 disables)");
+  require_choice("train.precision", train.precision, {"fp32", "bf16", "fp16"});
+  require(train.seed >= 0, "train.seed", std::to_string(train.seed), "an integer >= 0");
+  require_choice("train.device", train.device, {"auto", "cpu", "cuda"});
+  require(train.bucket_cap_mb > 0, "train.bucket_cap_mb", std::to_string(train.bucket_cap_mb), "> 0");
+  require_choice("train.grad_compression", train.grad_compression, {"none", "bf16", "fp16"});
+  require(train.collective_timeout_s > 0, "train.collective_timeout_s", std::to_string(train.collective_timeout_s),
+          "> 0 seconds");
+  require(train.loss_scale_init > 0, "train.loss_scale_init", std::to_string(train.loss_scale_init), "> 0");
+  positive("train.loss_scale_growth_interval", train.loss_scale_growth_interval);
+  positive("train.max_consecutive_skipped", train.max_consecutive_skipped);
+  require(train.min_loss_scale > 0, "train.min_loss_scale", std::to_string(train.min_loss_scale), "> 0");
+
+  require(!ema.decay.empty(), "ema.decay", "[]", "one or more decay rates in (0, 1)");
+  for (double d : ema.decay) require(d > 0 && d < 1, "ema.decay", std::to_string(d), "a rate in (0, 1)");
+  positive("ema.update_every", ema.update_every);
+  non_negative("ema.update_after_step", ema.update_after_step);
+  require(ema.inv_gamma > 0, "ema.inv_gamma", std::to_string(ema.inv_gamma), "> 0");
+  require(ema.power > 0, "ema.power", std::to_string(ema.power), "> 0");
+  require(ema.min_value >= 0 && ema.min_value < 1, "ema.min_value", std::to_string(ema.min_value), "0..1");
+
+  positive("checkpoint.every", checkpoint.every);
+  positive("checkpoint.keep_last", checkpoint.keep_last);
+  non_negative("checkpoint.keep_every", checkpoint.keep_every);
+
+  positive("log.every", log.every);
+  non_negative("log.sample_every", log.sample_every);
+  positive("log.num_samples", log.num_samples);
+  positive("log.sample_steps", log.sample_steps);
+  require(log.sample_steps <= diffusion.timesteps, "log.sample_steps", std::to_string(log.sample_steps),
+          "at most diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+}
+
+std::vector<std::string> config_keys() {
+  Config config;
+  std::vector<std::string> keys;
+  for (const auto& field : fields_of(config)) keys.push_back(field.section + "." + field.key);
+  return keys;
+}
+
+}  // namespace diffuse::trainer

@@ -1,0 +1,126 @@
+// trainer/config.h: the run configuration. Plain structs with defaults, one YAML reader, one YAML
+// writer, one validate(); unknown keys and bad values fail before anything starts, naming the key,
+// the value and what is allowed.
+//
+//   auto config = Config::from_yaml_file("configs/demo.yaml");
+//   config.apply_override("train.lr=2e-4");      // --set
+//   config.validate();
+//   std::string resolved = config.to_yaml();     // written to the run directory and every checkpoint
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace diffuse::trainer {
+
+struct ModelConfig {
+  int64_t dim = 64;
+  std::vector<int64_t> dim_mults{1, 2, 4, 8};
+  int64_t channels = 3;
+  bool self_condition = false;
+  bool learned_variance = false;
+  double dropout = 0.0;
+  int64_t attn_heads = 4;
+  int64_t attn_dim_head = 32;
+  std::vector<bool> full_attn{};  ///< empty: the reference default (full attention innermost only)
+  bool flash_attn = false;
+};
+
+struct DiffusionConfig {
+  int64_t timesteps = 1000;
+  std::string objective = "pred_v";        ///< pred_noise | pred_x0 | pred_v
+  std::string beta_schedule = "sigmoid";   ///< linear | cosine | sigmoid
+  bool min_snr_loss_weight = false;
+  double min_snr_gamma = 5.0;
+  double offset_noise_strength = 0.0;
+  double vlb_weight = 0.001;               ///< hybrid-loss lambda, learned variance only
+  std::string timestep_sampler = "uniform";  ///< uniform | loss-aware
+};
+
+struct DataConfig {
+  std::string path;          ///< HDF5 dataset (diffuse prep); relative paths are relative to the CWD
+  int64_t image_size = 128;
+  bool random_flip = true;
+  int64_t workers = 2;
+  int64_t prefetch = 4;
+};
+
+struct TrainConfig {
+  int64_t steps = 100000;
+  int64_t batch_size = 32;        ///< per rank, per micro-step
+  int64_t accumulate = 1;         ///< micro-steps per optimizer step
+  double lr = 8e-5;
+  std::string lr_schedule = "constant";  ///< constant | cosine (after warm-up)
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.0;      ///< cosine floor as a fraction of lr
+  double weight_decay = 0.0;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.99;
+  double adam_eps = 1e-8;
+  double max_grad_norm = 1.0;     ///< 0 disables clipping
+  std::string precision = "fp32";  ///< fp32 | bf16 | fp16
+  int64_t seed = 0;
+  std::string device = "auto";    ///< auto | cpu | cuda
+  double bucket_cap_mb = 25.0;
+  std::string grad_compression = "none";  ///< none | bf16 | fp16
+  double collective_timeout_s = 600.0;
+  double loss_scale_init = 65536.0;
+  int64_t loss_scale_growth_interval = 2000;
+  int64_t max_consecutive_skipped = 50;   ///< fp16: stop with a diagnosis after this many skipped steps
+  double min_loss_scale = 1.0;            ///< fp16: stop when the scale falls below this
+  bool channels_last = true;              ///< CUDA only
+};
+
+struct EmaConfig {
+  std::vector<double> decay{0.995};  ///< one or more rates, each kept and checkpointed
+  int64_t update_every = 10;
+  int64_t update_after_step = 100;
+  double inv_gamma = 1.0;
+  double power = 2.0 / 3.0;
+  double min_value = 0.0;
+};
+
+struct CheckpointConfig {
+  int64_t every = 1000;
+  int64_t keep_last = 3;
+  int64_t keep_every = 0;        ///< also keep every M-th step forever (0: none)
+  bool stop_on_error = true;     ///< false: a failed save is reported and training continues
+};
+
+struct LogConfig {
+  int64_t every = 100;
+  int64_t sample_every = 1000;   ///< 0 disables sample grids
+  int64_t num_samples = 16;
+  int64_t sample_steps = 50;     ///< DDIM steps for the grids
+  int64_t sample_seed = 1234;
+};
+
+struct Config {
+  std::string name = "run";      ///< from the file name; names the default run directory
+  ModelConfig model;
+  DiffusionConfig diffusion;
+  DataConfig data;
+  TrainConfig train;
+  EmaConfig ema;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+
+  /// Parses YAML text; throws naming unknown sections/keys and unparsable values.
+  static Config from_yaml(const std::string& text, const std::string& name = "run");
+  static Config from_yaml_file(const std::filesystem::path& path);
+  /// Writes every key (the resolved config); from_yaml(to_yaml()) == *this.
+  std::string to_yaml() const;
+  /// Applies one `section.key=value` override (value in YAML syntax, e.g. `model.dim_mults=[1,2]`).
+  void apply_override(const std::string& assignment);
+  /// Checks ranges and choices; throws std::invalid_argument naming the key, value and what is allowed.
+  void validate() const;
+  bool operator==(const Config& other) const { return to_yaml() == other.to_yaml(); }
+};
+
+/// Every `section.key` the configuration accepts (for help texts and tests).
+std::vector<std::string> config_keys();
+
+}  // namespace diffuse::trainer

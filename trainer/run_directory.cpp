@@ -1,0 +1,99 @@
+#include "trainer/run_directory.h"
+
+#include <cmath>
+#include <cstdio>
+#include <iomanip>
+#include <regex>
+#include <sstream>
+#include <stdexcept>
+
+namespace diffuse::trainer {
+
+std::string step_name(int64_t step) {
+  std::ostringstream name;
+  name << "step-" << std::setw(6) << std::setfill('0') << step;
+  return name.str();
+}
+
+std::filesystem::path RunDirectory::sample_grid(int64_t step) const { return samples() / (step_name(step) + ".png"); }
+
+void RunDirectory::create() const {
+  for (const auto& dir : {root, logs(), samples(), checkpoints()}) {
+    std::error_code error;
+    std::filesystem::create_directories(dir, error);
+    if (error) throw std::runtime_error("cannot create run directory " + dir.string() + ": " + error.message());
+  }
+}
+
+std::string json_escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buffer[8];
+          std::snprintf(buffer, sizeof(buffer), "\\u%04x", c);
+          out += buffer;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+MetricsLogger::MetricsLogger(std::filesystem::path path) : path_(std::move(path)) {}
+
+void MetricsLogger::truncate_after(int64_t step) {
+  std::ifstream in(path_);
+  if (!in) return;
+  static const std::regex step_field(R"("step":\s*(-?[0-9]+))");
+  std::vector<std::string> kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::smatch match;
+    if (!std::regex_search(line, match, step_field)) continue;  // a torn last line from a crash
+    if (std::stoll(match[1]) <= step) kept.push_back(line);
+  }
+  in.close();
+  auto tmp = path_;
+  tmp += ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    for (const auto& l : kept) out << l << "\n";
+    if (!out) throw std::runtime_error("cannot rewrite " + path_.string());
+  }
+  std::filesystem::rename(tmp, path_);
+}
+
+void MetricsLogger::write(const std::vector<std::pair<std::string, double>>& numbers,
+                          const std::vector<std::pair<std::string, std::string>>& strings) {
+  std::ostringstream line;
+  line << "{";
+  bool first = true;
+  for (const auto& [key, value] : numbers) {
+    line << (first ? "" : ", ") << "\"" << json_escape(key) << "\": ";
+    if (std::isfinite(value)) {
+      line << std::setprecision(std::abs(value - std::round(value)) < 1e-12 && std::abs(value) < 1e15 ? 15 : 7) << value;
+    } else {
+      line << "null";  // JSON has no inf/NaN
+    }
+    first = false;
+  }
+  for (const auto& [key, value] : strings) {
+    line << (first ? "" : ", ") << "\"" << json_escape(key) << "\": \"" << json_escape(value) << "\"";
+    first = false;
+  }
+  line << "}\n";
+  std::ofstream out(path_, std::ios::app);
+  out << line.str();
+  out.flush();
+  if (!out) throw std::runtime_error("cannot append to " + path_.string());
+}
+
+}  // namespace diffuse::trainer
