@@ -35,3 +35,15 @@ die() { printf '\033[1;31m[diffuse] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # Cores for the build; leave the machine usable on small boxes.
 diffuse_jobs() { nproc 2>/dev/null || echo 2; }
+
+# mpirun with what this machine needs: root may run it only with an explicit flag, and small
+# machines need oversubscription when ranks exceed cores.
+diffuse_mpirun() {
+  local ranks="$1"; shift
+  local flags=(-np "$ranks" --bind-to none)
+  if [ "$(id -u)" -eq 0 ]; then flags+=(--allow-run-as-root); fi
+  if [ "$ranks" -gt "$(diffuse_jobs)" ]; then flags+=(--oversubscribe); fi
+  echo "+ mpirun ${flags[*]} $*" >&2
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(diffuse_jobs) / ranks > 0 ? $(diffuse_jobs) / ranks : 1 ))}" \
+    mpirun "${flags[@]}" "$@"
+}
