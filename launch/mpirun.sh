@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# launch/mpirun.sh: run diffuse on N ranks with OpenMPI, one rank per GPU, printing the command.
+#
+#   launch/mpirun.sh [-n RANKS] [-H hostfile] -- train -c configs/reference-128.yaml
+#
+# RANKS defaults to the GPUs visible on this node (nvidia-smi), or 2 on a machine without GPUs.
+# Inside a Slurm/PBS allocation OpenMPI picks up the allocation itself; give -H for a hostfile
+# otherwise. Environment passed to every rank: OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, NCCL_*,
+# DIFFUSE_* (OpenMPI's -x). Root-only flags are added only when running as root.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+ranks=""
+hostfile=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) ranks="$2"; shift 2 ;;
+    -H) hostfile="$2"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || die "usage: launch/mpirun.sh [-n RANKS] [-H hostfile] -- <diffuse subcommand and options>"
+if [ -z "$ranks" ]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  ranks=$(( gpus > 0 ? gpus : 2 ))
+fi
+[ -x "$DIFFUSE_EXE" ] || die "$DIFFUSE_EXE not found: run launch/setup.sh first"
+
+flags=(-np "$ranks" --bind-to none --map-by slot)
+[ -n "$hostfile" ] && flags+=(--hostfile "$hostfile")
+[ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
+[ "$ranks" -gt "$(diffuse_jobs)" ] && [ -z "$hostfile" ] && flags+=(--oversubscribe)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(diffuse_jobs) / ranks > 0 ? $(diffuse_jobs) / ranks : 1 ))}"
+for v in OMP_NUM_THREADS CUDA_VISIBLE_DEVICES $(compgen -e | grep -E '^(NCCL_|DIFFUSE_)' || true); do
+  [ -n "${!v:-}" ] && flags+=(-x "$v")
+done
+echo "+ mpirun ${flags[*]} $DIFFUSE_EXE $*" >&2
+exec mpirun "${flags[@]}" "$DIFFUSE_EXE" "$@"
