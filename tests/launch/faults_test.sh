@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# tests/launch/faults_test.sh SCENARIO [RANKS]: no job hangs, nothing is lost beyond the last
+# checkpoint interval. Each scenario runs the real `diffuse train` (configs/tiny.yaml, CPU) under
+# `mpirun -np RANKS`, breaks it one way, and checks how it ends: how fast, with which message, and
+# what is left on disk. Each writes one row of the failure table (see README, "No hangs").
+#
+#   kill            SIGKILL one rank mid-run: every rank is gone within 60 s, mpirun names the
+#                   killed rank; `--resume latest` continues from the last checkpoint
+#   stall           one rank sleeps in its data loader (DIFFUSE_TEST_STALL_RANK): the others trip
+#                   train.collective_timeout_s=5 with a message naming the operation
+#   disk_full       the checkpoint filesystem (a tmpfs sized for one checkpoint) fills up: the
+#                   error is reported, `latest` and its checkpoint stay intact, training stops
+#   read_only       the checkpoint filesystem turns read-only mid-run, with
+#                   checkpoint.stop_on_error=false: errors reported, training runs to the end
+#   shard_fails     one rank's shard write fails (DIFFUSE_TEST_FAIL_CHECKPOINT_RANK): all ranks
+#                   agree, the half-written checkpoint is removed, `latest` stays, training stops
+#   oom             one rank runs out of memory (ulimit -v on that rank only): a message naming
+#                   the rank and the batch size, and the job ends
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+SCENARIO="${1:?usage: faults_test.sh kill|stall|disk_full|read_only|shard_fails|oom [RANKS]}"
+RANKS="${2:-2}"
+EVERY=10  # checkpoint.every in every scenario: the most a failure may lose
+make_dataset
+
+# train RUN_DIR LOG [--set ...]: `diffuse train` in the background under mpirun; sets LAUNCHER_PID.
+# Extra environment for the ranks goes in TRAIN_ENV (e.g. TRAIN_ENV=(DIFFUSE_TEST_STALL_RANK=1)).
+TRAIN_ENV=()
+WRAPPER=()
+train_bg() {
+  local run="$1" log="$2"
+  shift 2
+  env "${TRAIN_ENV[@]}" mpirun -np "$RANKS" --oversubscribe --bind-to none "${WRAPPER[@]}" "$EXE" train -c "$TINY" \
+    --run-dir "$run" --set "data.path=$DATA" --set log.every=1 --set "checkpoint.every=$EVERY" "$@" \
+    >"$log" 2>&1 &
+  LAUNCHER_PID=$!
+  on_exit "kill -KILL $LAUNCHER_PID 2>/dev/null"
+}
+
+# Running (a zombie, exited but not reaped, is not).
+alive() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [ "${stat%% *}" != "Z" ]
+}
+launcher_done() { ! alive "$LAUNCHER_PID"; }
+
+# wait_exit LIMIT: waits for the launcher to exit (at most LIMIT s); sets STATUS.
+wait_exit() {
+  if ! wait_until "$1" launcher_done; then
+    note "still running after $1 s: $(rank_pids "$RUN")"
+    kill -KILL "$LAUNCHER_PID"
+    wait "$LAUNCHER_PID"
+    tail -n 40 "$LOG"
+    fail "the job did not end within $1 s"
+  fi
+  wait "$LAUNCHER_PID"
+  STATUS=$?
+}
+
+checkpoint_at_least() { [ "$(latest_step "$RUN")" -ge "$1" ]; }
+logged_at_least() { [ "$(last_logged_step "$RUN")" -ge "$1" ]; }
+
+# `diffuse inspect` verifies the manifest's sizes and SHA-256s of the checkpoint `latest` names.
+expect_latest_intact() {
+  local expected="$1"
+  [ "$(latest_step "$RUN")" -eq "$expected" ] || fail "latest names step $(latest_step "$RUN"), expected $expected"
+  "$EXE" inspect "$RUN/checkpoints/latest" >"$WORK/inspect.log" 2>&1 \
+    || { cat "$WORK/inspect.log"; fail "checkpoint latest (step $expected) is damaged"; }
+  local leftover
+  leftover="$(find "$RUN/checkpoints" -mindepth 1 -maxdepth 1 ! -name latest ! -name 'step-*' | head -n 3)"
+  [ -z "$leftover" ] || note "left in checkpoints/ (not checkpoints, ignored by --resume): $leftover"
+  local d
+  for d in "$RUN"/checkpoints/step-*; do
+    [ -f "$d/manifest.json" ] || fail "$d looks like a checkpoint but has no manifest (half-written)"
+  done
+}
+
+# resume_and_finish FROM: `--resume latest` continues from step FROM and trains 5 more steps.
+resume_and_finish() {
+  local from="$1" to=$(( $1 + 5 ))
+  mpirun_n "$RANKS" "$EXE" train -c "$TINY" --run-dir "$RUN" --set "data.path=$DATA" --set log.every=1 \
+    --set "checkpoint.every=$EVERY" --set "train.steps=$to" --resume latest >"$WORK/resume.log" 2>&1 \
+    || { tail -n 30 "$WORK/resume.log"; fail "--resume latest failed"; }
+  expect_in "$WORK/resume.log" "resumed from .*step-0*$from at step $from" "the resume from step $from"
+  expect_in "$WORK/resume.log" "done: $to steps" "training to step $to"
+  note "--resume latest continued from step $from to $to"
+}
+
+RUN="$WORK/run"
+LOG="$WORK/train.log"
+case "$SCENARIO" in
+  kill)
+    train_bg "$RUN" "$LOG" --set train.steps=100000
+    wait_until 120 checkpoint_at_least "$(( 2 * EVERY ))" || { tail -n 30 "$LOG"; fail "no checkpoint at step $(( 2 * EVERY ))"; }
+    victim_rank=$(( RANKS - 1 ))
+    victim=$(rank_pids "$RUN" | awk -v r="$victim_rank" '$1 == r {print $2}')
+    [ -n "$victim" ] || fail "rank $victim_rank not found among: $(rank_pids "$RUN")"
+    kill -KILL "$victim"
+    t=$(now)
+    last=$(last_logged_step "$RUN")
+    note "SIGKILL to rank $victim_rank (pid $victim) after step $last"
+    wait_exit 60
+    seconds=$(elapsed "$t")
+    [ "$STATUS" -ne 0 ] || fail "mpirun exited 0 after a rank was killed"
+    [ -z "$(rank_pids "$RUN")" ] || fail "ranks still alive after mpirun exited: $(rank_pids "$RUN")"
+    expect_in "$LOG" "rank $victim_rank .*(signal 9|Killed)" "mpirun naming the killed rank"
+    note "mpirun: $(grep -m1 -E "rank $victim_rank .*(signal 9|Killed)" "$LOG")"
+    last=$(last_logged_step "$RUN")
+    from=$(latest_step "$RUN")
+    lost=$(( last - from ))
+    [ "$lost" -le "$EVERY" ] || fail "lost $lost steps (last logged $last, latest $from), more than checkpoint.every=$EVERY"
+    expect_latest_intact "$from"
+    note "all $RANKS ranks gone ${seconds}s after the kill (exit $STATUS); $lost steps since checkpoint $from"
+    resume_and_finish "$from"
+    table_row "SIGKILL one rank (mpirun)" "$RANKS" "$seconds s" "$lost steps (last step $last, resumed at $from; interval $EVERY)"
+    ;;
+
+  stall)
+    TRAIN_ENV=(DIFFUSE_TEST_STALL_RANK=1)
+    t=$(now)
+    train_bg "$RUN" "$LOG" --set train.steps=100000 --set train.collective_timeout_s=5
+    wait_until 120 logged_at_least 3 || { tail -n 30 "$LOG"; fail "training did not reach step 3"; }
+    stalled=$(now)  # rank 1 stalls fetching its 4th batch: step 4 never completes
+    wait_exit 90
+    seconds=$(elapsed "$stalled")
+    [ "$STATUS" -ne 0 ] || fail "mpirun exited 0 although a rank was stuck"
+    [ -z "$(rank_pids "$RUN")" ] || fail "ranks still alive after mpirun exited: $(rank_pids "$RUN")"
+    expect_in "$LOG" "did not complete within 5000 ms" "the collective timeout"
+    note "message: $(grep -m1 -oE 'MPI [^:]*did not complete within 5000 ms[^:]*' "$LOG")"
+    last=$(last_logged_step "$RUN")
+    [ "$last" -eq 3 ] || fail "expected the run to stop after step 3, last logged step $last"
+    awk -v s="$seconds" 'BEGIN { exit !(s < 60) }' || fail "took ${seconds}s to end after the stall (timeout 5 s)"
+    table_row "one rank stuck in its data loader (collective_timeout_s=5)" "$RANKS" "$seconds s" \
+      "$last steps (stalled at step $(( last + 1 )) before the first checkpoint; interval $EVERY)"
+    ;;
+
+  oom)
+    fail "not yet written"
+    ;;
+
+  *) fail "unknown scenario '$SCENARIO'" ;;
+esac
+note "PASS"
