@@ -58,6 +58,10 @@ struct CommunicatorOptions {
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
   /// MPI backend only.
   MpiProgress mpi_progress = MpiProgress::kAuto;
+  /// MPI backend: the longest pause between two MPI_Test calls while a collective is in flight
+  /// and not completing (polling first yields, then sleeps 2, 4, ... up to this). Shorter
+  /// moves data sooner, longer leaves more CPU to computation; 0 only yields.
+  std::chrono::microseconds mpi_max_poll_sleep{50};
 };
 
 /// Collectives over every rank of the job.

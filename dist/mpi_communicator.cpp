@@ -247,7 +247,7 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
 
   void wait(Operation& op) {
     if (!threaded_) {
-      Backoff backoff;
+      Backoff backoff(options_.mpi_max_poll_sleep);
       while (!test(op)) backoff.pause();
       return;
     }
@@ -292,15 +292,16 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   }
 
  private:
-  /// Polls idly: first yields (cheap, lets compute threads run on an oversubscribed node),
-  /// then sleeps with a growing interval so a long wait costs almost no CPU.
+  /// Paces polling while nothing completes: first yields (cheap, and lets compute threads run
+  /// on an oversubscribed node), then sleeps with a growing interval up to max_sleep, so a
+  /// long wait costs little CPU. max_sleep 0: never sleep, only yield.
   struct Backoff {
-    int rounds = 0;
+    explicit Backoff(std::chrono::microseconds max_sleep) : max_sleep(max_sleep) {}
     std::chrono::microseconds next_sleep() {
       ++rounds;
-      if (rounds <= kYieldRounds) return std::chrono::microseconds(0);
-      int doublings = std::min(rounds - kYieldRounds, 6);
-      return std::min(kMaxSleep, kMinSleep * (1 << doublings));
+      if (rounds <= kYieldRounds || max_sleep.count() == 0) return std::chrono::microseconds(0);
+      int doublings = std::min(rounds - kYieldRounds, 10);
+      return std::min(max_sleep, std::chrono::microseconds(1) * (1 << doublings));
     }
     void pause() {
       auto sleep = next_sleep();
@@ -312,8 +313,8 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
     }
     void reset() { rounds = 0; }
     static constexpr int kYieldRounds = 64;
-    static constexpr std::chrono::microseconds kMinSleep{5};
-    static constexpr std::chrono::microseconds kMaxSleep{250};
+    std::chrono::microseconds max_sleep;
+    int rounds = 0;
   };
 
   std::string where() const { return " on rank " + std::to_string(rank_) + " of " + std::to_string(size_); }
@@ -407,7 +408,7 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
 
   void progress_loop() {
     std::vector<std::shared_ptr<Operation>> active;
-    Backoff backoff;
+    Backoff backoff(options_.mpi_max_poll_sleep);
     while (true) {
       std::vector<std::shared_ptr<Operation>> to_start;
       {

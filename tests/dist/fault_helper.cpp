@@ -4,11 +4,14 @@
 //
 //   mpirun -np 4 dist_fault_helper throw       rank 1 throws while the others wait in an all_reduce
 //   mpirun -np 2 dist_fault_helper terminate   rank 1's exception escapes main (std::terminate)
+//   SLURM_NTASKS=2 SLURM_STEP_ID=0 dist_fault_helper throw
+//                                              no launcher: a world of one that was meant to be two
 //   mpirun -np 2 dist_fault_helper timeout thread|caller
 //                                              rank 1 joins the all_reduce after rank 0's timeout
 #include <torch/torch.h>
 
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include "dist/communicator.h"
@@ -46,7 +49,14 @@ int main(int argc, char** argv) {
     std::cerr << "usage: dist_fault_helper throw|terminate|timeout [thread|caller]" << std::endl;
     return 2;
   }
-  auto ctx = Context::init(&argc, &argv);
+  std::optional<Context> started;
+  try {
+    started.emplace(Context::init(&argc, &argv));
+  } catch (const std::exception& error) {
+    std::cerr << "dist_fault_helper: cannot start: " << error.what() << std::endl;
+    return 2;
+  }
+  const Context& ctx = *started;
   if (scenario == "terminate") return run(ctx, scenario, mode);  // no handler: std::terminate
   try {
     return run(ctx, scenario, mode);

@@ -62,5 +62,17 @@ TEST(CollectiveTimeout, ThrowsNamingTheOperationAndEndsTheJob) {
   }
 }
 
+TEST(Bootstrap, TasksThatCameUpAsSeparateWorldsStopWithHowToLaunch) {
+  // What `srun` without --mpi=pmix does: the task believes it is one of 2, MPI says world of 1.
+  auto result = run_command(
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 SLURM_NTASKS=2 SLURM_STEP_ID=0 timeout -s KILL 60 " +
+      helper() + " throw");
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  EXPECT_NE(result.output.find("started 2 tasks (SLURM_NTASKS=2) but MPI sees a world of 1"), std::string::npos)
+      << result.output;
+  EXPECT_NE(result.output.find("srun --mpi=pmix"), std::string::npos) << result.output;
+  EXPECT_EQ(result.output.find("injected failure"), std::string::npos) << "it ran anyway: " << result.output;
+}
+
 }  // namespace
 }  // namespace diffuse::testing
