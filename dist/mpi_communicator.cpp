@@ -226,8 +226,7 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
       wake_.notify_one();
     } else {
       std::lock_guard lock(caller_mpi_mutex_);
-      start(*op);
-      if (op->state == Operation::State::kFailed) throw std::runtime_error(op->error);
+      if (!start(*op)) throw std::runtime_error(op->error);
     }
     return std::make_shared<MpiWork>(shared_from_this(), op);
   }
@@ -339,19 +338,20 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
     if (broken_.empty()) broken_ = message;
   }
 
-  // Starts the MPI requests of `op` (the thread owning MPI calls). Never throws: a failure
-  // marks the operation failed and the communicator broken.
-  void start(Operation& op) {
+  // Starts the MPI requests of `op` (on the thread owning MPI calls). Never throws: a failure
+  // marks the operation failed and the communicator broken, and returns false.
+  bool start(Operation& op) {
     ++in_flight_;
     try {
       op.start(comm_, op.requests);
     } catch (const std::exception& error) {
       mark_failed(op, "MPI " + op.description + where() + " could not start: " + error.what());
       set_broken(op.error);
-      return;
+      return false;
     }
     std::lock_guard lock(op.mutex);
     op.state = Operation::State::kRunning;
+    return true;
   }
 
   // Tests one running operation (the thread owning MPI calls); marks it done, or failed at its
@@ -436,8 +436,7 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
           mark_failed(*op, refusal);
           continue;
         }
-        start(*op);
-        active.push_back(op);
+        if (start(*op)) active.push_back(op);
       }
       bool changed = !to_start.empty();
       for (auto& op : active) changed = poll(*op) || changed;

@@ -103,10 +103,8 @@ GradReducer::GradReducer(std::vector<torch::Tensor> parameters, Communicator& co
                                   " is not a leaf tensor (pass the module's parameters, not results computed from them)");
     }
     if (p.is_sparse()) throw std::invalid_argument("GradReducer: sparse parameter " + std::to_string(i) + " unsupported");
-    if (!seen.insert(p.unsafeGetTensorImpl()).second) {
-      throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) +
-                                  " appears twice (shared parameters must be passed once)");
-    }
+    // A tied parameter listed twice has one gradient and one accumulator: reduce it once.
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
     params_.push_back(p);
   }
 

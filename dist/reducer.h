@@ -77,8 +77,8 @@ struct ReducerStats {
 class GradReducer {
  public:
   /// `parameters` in registration order (e.g. module->parameters()); those not requiring grad
-  /// are ignored. Every rank must pass the same shapes and dtypes in the same order (checked:
-  /// collective).
+  /// are ignored, and a tensor listed twice (tied weights) counts once. Every rank must pass the
+  /// same shapes and dtypes in the same order (checked: collective).
   GradReducer(std::vector<torch::Tensor> parameters, Communicator& comm, ReducerOptions options = {});
   ~GradReducer();
   GradReducer(const GradReducer&) = delete;
@@ -95,7 +95,8 @@ class GradReducer {
   const ReducerStats& last_stats() const { return stats_; }
   /// Number of buckets.
   int64_t bucket_count() const { return static_cast<int64_t>(buckets_.size()); }
-  /// Parameter indices (into the parameters requiring grad, in the order given) of each bucket.
+  /// Parameter indices of each bucket, into the parameters requiring grad in the order given
+  /// (duplicates removed).
   std::vector<std::vector<int64_t>> bucket_assignment() const;
   /// Whether the buckets were already rebuilt from the observed gradient order.
   bool buckets_rebuilt() const { return rebuilt_; }

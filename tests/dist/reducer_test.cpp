@@ -453,6 +453,28 @@ TEST(GradReducer, RefusesMisuse) {
   EXPECT_THROW(GradReducer(model->parameters(), *comm, bad), std::invalid_argument);
 }
 
+TEST(GradReducer, TiedParametersListedTwiceAreReducedOnce) {
+  auto comm = make_comm();
+  const int n = comm->size();
+  const int r = comm->rank();
+  auto model = make_mlp(17);
+  auto reference = make_mlp(17);
+  auto params = model->parameters();
+  params.push_back(model->l2->weight);  // as a module with tied weights lists it
+  GradReducer reducer(params, *comm, small_buckets());
+  size_t listed = 0;
+  for (const auto& bucket : reducer.bucket_assignment()) listed += bucket.size();
+  EXPECT_EQ(listed, model->parameters().size());
+  auto batch = global_batch(n * 2, 500);
+  reducer.prepare_for_backward(true);
+  loss_of(*model, rows_of(batch, r * 2, 2)).backward();
+  reducer.finish();
+  loss_of(*reference, batch).backward();
+  auto expected = grads_of(*reference);
+  auto got = grads_of(*model);
+  for (size_t i = 0; i < got.size(); ++i) expect_allclose(got[i], expected[i], 1e-4, 1e-6, "parameter " + std::to_string(i));
+}
+
 TEST(GradReducer, RanksWithDifferentModelsAreRefusedOnEveryRank) {
   auto comm = make_comm();
   if (comm->size() == 1) GTEST_SKIP() << "needs two ranks (runs under mpirun -np 2 and 4)";
