@@ -48,6 +48,7 @@ std::vector<std::string> split_mask(const std::string& mask) {
 
 std::string mask_text(const std::string& mask) { return mask.empty() ? "unset" : "'" + mask + "'"; }
 
+#if DIFFUSE_WITH_CUDA
 // Every rank of the node's CUDA_VISIBLE_DEVICES, in local-rank order (collective on the node).
 std::vector<std::string> gather_node_masks() {
   const char* env = std::getenv("CUDA_VISIBLE_DEVICES");
@@ -74,6 +75,7 @@ std::vector<std::string> gather_node_masks() {
   for (int r = 0; r < size; ++r) masks.push_back(joined.substr(offsets[r], lengths[r]));
   return masks;
 }
+#endif
 
 }  // namespace
 

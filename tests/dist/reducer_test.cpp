@@ -489,6 +489,35 @@ TEST(GradReducer, RanksWithDifferentModelsAreRefusedOnEveryRank) {
   }
 }
 
+TEST(GradReducer, GradientsOnTheGpuWithNccl_CUDA) {
+  if (!nccl_available() || !torch::cuda::is_available()) GTEST_SKIP() << "no GPU";
+  if (static_cast<int>(torch::cuda::device_count()) < world().local_world_size()) {
+    GTEST_SKIP() << "fewer GPUs than ranks on this node";
+  }
+  auto device = select_device(world(), true);
+  auto comm = make_nccl_communicator(world(), device);
+  const int n = comm->size();
+  const int r = comm->rank();
+  auto model = make_mlp(21);
+  model->to(device);
+  auto reference = make_mlp(21);
+  GradReducer reducer(model->parameters(), *comm, small_buckets());
+  for (uint64_t step = 0; step < 2; ++step) {
+    auto batch = global_batch(n * 2, 600 + step);
+    clear_grads(*model, false);
+    reducer.prepare_for_backward(true);
+    auto mine = rows_of(batch, r * 2, 2);
+    torch::mse_loss(model->forward(mine.x.to(device)), mine.y.to(device)).backward();
+    reducer.finish();
+    clear_grads(*reference, true);
+    loss_of(*reference, batch).backward();
+    auto expected = grads_of(*reference);
+    auto got = grads_of(*model);
+    for (size_t i = 0; i < got.size(); ++i) expect_allclose(got[i].cpu(), expected[i], 1e-4, 1e-5, "parameter " + std::to_string(i));
+  }
+  EXPECT_NO_THROW(verify_identical(model->parameters(), *comm, "parameters"));
+}
+
 TEST(BroadcastTensors, GivesEveryRankRootsValuesAndVerifyProvesIt) {
   auto comm = make_comm();
   auto model = make_mlp(100 + comm->rank());
