@@ -187,8 +187,9 @@ class Sha256 {
   std::string hex() {
     unsigned char digest[EVP_MAX_MD_SIZE];
     unsigned int length = 0;
-    if (EVP_DigestFinal_ex(ctx_.get(), digest, &length) != 1)
+    if (EVP_DigestFinal_ex(ctx_.get(), digest, &length) != 1) {
       throw std::runtime_error("OpenSSL SHA-256 failed");
+    }
     return to_hex(digest, length);
   }
 
@@ -667,8 +668,9 @@ std::string manifest_json(const Manifest& m) {
   json += m.metadata.empty() ? "},\n" : "\n  },\n";
   json += "  \"config\": " + json_quote(m.config) + ",\n";
   json += "  \"shards\": [";
-  for (size_t i = 0; i < m.shards.size(); ++i)
+  for (size_t i = 0; i < m.shards.size(); ++i) {
     json += (i ? ",\n    " : "\n    ") + shard_entry_json(m.shards[i]);
+  }
   json += "\n  ],\n";
   json += "  \"tensors\": {";
   for (size_t i = 0; i < m.tensors.size(); ++i) {
@@ -756,14 +758,16 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     TensorEntry t = parse_tensor_entry(r, name, value);
     std::string where = "tensor \"" + name + "\"";
     if (!seen.insert(name).second) r.error(where + " is listed twice");
-    if (t.shard < 0 || t.shard >= m.world_size)
+    if (t.shard < 0 || t.shard >= m.world_size) {
       r.error(where + " is in shard " + std::to_string(t.shard) + " of " + std::to_string(m.world_size));
+    }
     if (t.per_rank && (t.rank != t.shard ||
                        name.compare(0, per_rank_prefix(t.rank).size(), per_rank_prefix(t.rank)) != 0)) {
       r.error(where + " is per-rank for rank " + std::to_string(t.rank) + " but named or placed otherwise");
     }
-    if (!t.per_rank && looks_per_rank(name))
+    if (!t.per_rank && looks_per_rank(name)) {
       r.error(where + " is replicated but named like a per-rank tensor");
+    }
     auto dtype = dtype_from_name(t.dtype);
     if (!dtype) r.error(where + " has unknown dtype \"" + t.dtype + "\"");
     int64_t numel = 1;
@@ -788,8 +792,9 @@ void validate_contents(const CheckpointContents& c) {
     if (looks_per_rank(name)) {
       throw CheckpointError("replicated tensor \"" + name + "\" uses the reserved per-rank prefix rank<r>.");
     }
-    if (name.find('/') != std::string::npos)
+    if (name.find('/') != std::string::npos) {
       throw CheckpointError("tensor name \"" + name + "\" contains '/'");
+    }
     if (!tensor.defined()) throw CheckpointError("replicated tensor \"" + name + "\" is undefined");
     if (!names.insert(name).second) throw CheckpointError("replicated tensor \"" + name + "\" appears twice");
     dtype_name(tensor.scalar_type());
@@ -799,8 +804,9 @@ void validate_contents(const CheckpointContents& c) {
     if (name.empty()) throw CheckpointError("a per-rank tensor has an empty name");
     if (!tensor.defined()) throw CheckpointError("per-rank tensor \"" + name + "\" is undefined");
     if (!own.insert(name).second) throw CheckpointError("per-rank tensor \"" + name + "\" appears twice");
-    if (name.find('/') != std::string::npos)
+    if (name.find('/') != std::string::npos) {
       throw CheckpointError("tensor name \"" + name + "\" contains '/'");
+    }
     dtype_name(tensor.scalar_type());
   }
 }
@@ -880,25 +886,21 @@ bool test_hook_fails(int rank, int64_t step) {
 std::string write_shard(const fs::path& tmp, const CheckpointContents& c, int rank, int world_size,
                         const std::vector<int>& assignment) {
   if (!fs::is_directory(tmp)) {
-    throw std::runtime_error("does not see " + tmp.string() +
-                             ", which rank 0 created: the checkpoint "
+    throw std::runtime_error("does not see " + tmp.string() + ", which rank 0 created: the checkpoint " +
                              "directory must be on a filesystem shared by every rank");
   }
   NamedTensors tensors;
   for (size_t i = 0; i < c.replicated.size(); ++i) {
-    if (assignment[i] == rank)
+    if (assignment[i] == rank) {
       tensors.emplace_back(c.replicated[i].first,
                            c.replicated[i].second.detach().to(torch::kCPU).contiguous());
+    }
   }
   std::string entries;
   for (const auto& [name, tensor] : c.per_rank) {
-    TensorEntry e{per_rank_prefix(rank) + name,
-                  true,
-                  rank,
-                  rank,
-                  dtype_name(tensor.scalar_type()),
-                  tensor.sizes().vec(),
-                  tensor_bytes(tensor)};
+    TensorEntry e{.name = per_rank_prefix(rank) + name, .per_rank = true, .rank = rank, .shard = rank,
+                  .dtype = dtype_name(tensor.scalar_type()), .shape = tensor.sizes().vec(),
+                  .bytes = tensor_bytes(tensor)};
     entries += (entries.empty() ? "" : ", ") + json_quote(e.name) + ": " + tensor_entry_json(e);
     tensors.emplace_back(e.name, tensor.detach().to(torch::kCPU).contiguous());
   }
@@ -984,8 +986,9 @@ SavedCheckpoint publish(const fs::path& dir, const fs::path& tmp, const Checkpoi
   m.metadata.assign(c.metadata.begin(), c.metadata.end());
   for (size_t i = 0; i < c.replicated.size(); ++i) {
     const auto& t = c.replicated[i].second;
-    m.tensors.push_back({c.replicated[i].first, false, -1, assignment[i], dtype_name(t.scalar_type()),
-                         t.sizes().vec(), tensor_bytes(t)});
+    m.tensors.push_back({.name = c.replicated[i].first, .shard = assignment[i],
+                         .dtype = dtype_name(t.scalar_type()), .shape = t.sizes().vec(),
+                         .bytes = tensor_bytes(t)});
   }
   JsonReader reader("shard record");
   for (int r = 0; r < world_size; ++r) {
@@ -1064,8 +1067,9 @@ SavedCheckpoint save_collective(const Collective& comm, const fs::path& dir, con
   if (comm.is_root() && error.empty()) {
     std::string differing;
     for (size_t r = 1; r < signatures.size(); ++r) {
-      if (!signatures[r].empty() && signatures[r] != signature)
+      if (!signatures[r].empty() && signatures[r] != signature) {
         differing += (differing.empty() ? "" : ", ") + std::to_string(r);
+      }
     }
     if (!differing.empty()) {
       error = "ranks " + differing +
@@ -1172,8 +1176,9 @@ LoadPlan plan_latest(const fs::path& checkpoints_dir) {
 
 LoadPlan plan_explicit(const fs::path& dir) {
   std::error_code ec;
-  if (!fs::is_directory(dir, ec))
+  if (!fs::is_directory(dir, ec)) {
     throw CheckpointError("checkpoint directory " + dir.string() + " does not exist");
+  }
   LoadPlan plan;
   plan.explicit_dir = true;
   plan.dirs.push_back(dir);
@@ -1195,12 +1200,12 @@ LoadPlan plan_for_path(const fs::path& path) {
       if (parse_step_dir_name(entry.path().filename().string())) has_checkpoints = true;
     }
     if (has_checkpoints) return plan_latest(path);
-    if (parse_step_dir_name(path.filename().string()))
-      return plan_explicit(path);  // no manifest: fails below
+    if (parse_step_dir_name(path.filename().string())) {
+      return plan_explicit(path);  // no manifest: loading it fails and says so
+    }
   }
   throw CheckpointError(path.string() + " is not a checkpoint: expected a checkpoint directory (with " +
-                        kManifestName +
-                        "), a run directory (with checkpoints/), a checkpoints directory, "
+                        kManifestName + "), a run directory (with checkpoints/), a checkpoints directory, " +
                         "or a latest link");
 }
 
@@ -1208,8 +1213,9 @@ LoadPlan plan_for_path(const fs::path& path) {
 std::string check_shard(const fs::path& dir, const ShardEntry& s, bool verify_hash) {
   fs::path path = dir / s.file;
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec))
+  if (!fs::is_regular_file(path, ec)) {
     return "shard " + std::to_string(s.rank) + " (" + s.file + ") is missing";
+  }
   auto size = static_cast<int64_t>(fs::file_size(path, ec));
   if (ec) return "shard " + std::to_string(s.rank) + " (" + s.file + ") cannot be read: " + ec.message();
   if (size != s.bytes) {
@@ -1235,8 +1241,9 @@ LoadedCheckpoint load_one(const Collective& comm, const fs::path& dir, bool incl
     if (!error.empty()) message = "0" + error;
   }
   message = comm.broadcast(message);
-  if (message.empty() || message[0] != '1')
+  if (message.empty() || message[0] != '1') {
     throw CheckpointError(message.empty() ? "no manifest" : message.substr(1));
+  }
   const Manifest m = parse_manifest(message.substr(1), (dir / kManifestName).string());
   std::error_code ec;
   const std::string dir_name = fs::weakly_canonical(dir, ec).filename().string();  // through `latest`
@@ -1382,8 +1389,9 @@ LoadedCheckpoint read_checkpoint_single_process(const fs::path& path) {
 
 fs::path write_checkpoint_as_world(const fs::path& checkpoints_dir,
                                    const std::vector<CheckpointContents>& ranks, RetentionPolicy policy) {
-  if (ranks.empty())
+  if (ranks.empty()) {
     throw std::invalid_argument("write_checkpoint_as_world needs at least one rank's contents");
+  }
   const int world_size = static_cast<int>(ranks.size());
   for (const auto& c : ranks) validate_contents(c);
   for (int r = 1; r < world_size; ++r) {

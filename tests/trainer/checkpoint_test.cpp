@@ -206,8 +206,9 @@ TEST(Checkpoint, EachReplicatedTensorIsStoredOnceBalancedByBytes) {
   std::map<std::string, int> copies;
   std::vector<int64_t> shard_bytes(world(), 0);
   int64_t largest = 0;
-  for (const auto& [name, t] : contents.replicated)
+  for (const auto& [name, t] : contents.replicated) {
     largest = std::max<int64_t>(largest, t.numel() * t.element_size());
+  }
   for (int r = 0; r < world(); ++r) {
     auto file = data::read_hdf5_tensors(dir / shard_name(r, world()));
     EXPECT_EQ(file.attributes.at("format"), "diffuse-checkpoint-shard");
@@ -229,8 +230,9 @@ TEST(Checkpoint, EachReplicatedTensorIsStoredOnceBalancedByBytes) {
       EXPECT_TRUE(same_bits(file.at("rank" + std::to_string(r) + "." + name), t)) << name;
     }
   }
-  for (const auto& [name, t] : contents.replicated)
+  for (const auto& [name, t] : contents.replicated) {
     EXPECT_EQ(copies[name], 1) << name << " stored " << copies[name] << "x";
+  }
   EXPECT_EQ(copies.size(), contents.replicated.size());
   // Greedy largest-first: the heaviest and lightest shard differ by at most the largest tensor.
   auto [lightest, heaviest] = std::minmax_element(shard_bytes.begin(), shard_bytes.end());
