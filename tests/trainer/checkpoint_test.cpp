@@ -621,6 +621,21 @@ TEST(Checkpoint, LoadsOnAnyWorldSize) {
   expect_same_tensors(single.replicated, make_contents(9, 0).replicated, "single-process replicated");
 }
 
+TEST(Checkpoint, SavesTensorsThatLiveOnTheGpu_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  SharedDir run;
+  CheckpointStore store(run / "checkpoints", ctx());
+  auto on_cpu = make_contents(11, rank());
+  auto on_gpu = on_cpu;
+  for (auto& [name, t] : on_gpu.replicated) t = t.to(torch::kCUDA);
+  for (auto& [name, t] : on_gpu.per_rank) t = t.to(torch::kCUDA);
+  store.save(on_gpu);
+  auto loaded = store.load("latest");
+  ASSERT_TRUE(loaded);
+  expect_same_tensors(loaded->replicated, on_cpu.replicated, "replicated from the GPU");
+  expect_same_tensors(loaded->per_rank, on_cpu.per_rank, "per_rank from the GPU");
+}
+
 TEST(Checkpoint, ManifestReaderAcceptsAnyValidJsonLayout) {
   // A manifest rewritten by another tool (compact, \u escapes, escaped slashes) still loads.
   SharedDir run;
