@@ -1262,7 +1262,7 @@ LoadedCheckpoint load_one(const Collective& comm, const fs::path& dir, bool incl
     });
     if (!error.empty()) break;
   }
-  agree(comm, "verifying " + dir.string(), error);
+  agree(comm, "verification", error);
 
   LoadedCheckpoint out;
   out.directory = dir;
@@ -1307,7 +1307,7 @@ LoadedCheckpoint load_one(const Collective& comm, const fs::path& dir, bool incl
       }
     }
   });
-  agree(comm, "reading " + dir.string(), error);
+  agree(comm, "reading", error);
   return out;
 }
 
@@ -1435,9 +1435,13 @@ CheckpointSummary describe_checkpoint(const fs::path& path, bool verify_hashes) 
   out << "created     " << m.created << " by diffuse " << m.diffuse_version << " (git " << m.git_hash
       << ")\n";
   if (!m.metadata.empty()) {
-    out << "metadata   ";
-    for (const auto& [key, value] : m.metadata) out << " " << key << "=" << value;
-    out << "\n";
+    out << "metadata\n";
+    for (const auto& [key, value] : m.metadata) {
+      // One line each: values with line breaks or quotes are shown JSON-escaped.
+      bool plain = std::none_of(value.begin(), value.end(),
+                                [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == '"'; });
+      out << "  " << key << ": " << (plain ? value : json_quote(value)) << "\n";
+    }
   }
   int64_t replicated = 0, replicated_bytes = 0, per_rank = 0, per_rank_bytes = 0;
   std::vector<int64_t> shard_tensor_bytes(static_cast<size_t>(m.world_size), 0);

@@ -691,7 +691,8 @@ TEST(Checkpoint, DescribeReportsLayoutAndHashChecks) {
       contains(text, "saved by    " + std::to_string(world()) + (world() == 1 ? " rank\n" : " ranks\n")));
   EXPECT_TRUE(contains(text, "tensors     11 replicated")) << text;
   EXPECT_TRUE(contains(text, std::to_string(2 * world()) + " per-rank")) << text;
-  EXPECT_TRUE(contains(text, "samples_seen=12800")) << text;
+  EXPECT_TRUE(contains(text, "\n  samples_seen: 12800\n")) << text;
+  EXPECT_TRUE(contains(text, "\n  odd: \"quote \\\" backslash \\\\ newline \\n end\"\n")) << text;
   EXPECT_TRUE(contains(text, "\n  model:\n    dim: 64\n")) << text;
   EXPECT_TRUE(contains(text, "result      OK")) << text;
   for (int r = 0; r < world(); ++r) EXPECT_TRUE(contains(text, shard_name(r, world()))) << text;
