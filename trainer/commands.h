@@ -4,7 +4,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
+#include <filesystem>
 #include <functional>
+#include <optional>
 
 #include "dist/context.h"
 
@@ -15,5 +18,14 @@ using CommandAction = std::function<int(const dist::Context&)>;
 
 /// Registers the subcommand on `app`; `action` is set when the subcommand was chosen.
 void add_doctor_command(CLI::App& app, CommandAction& action);
+
+/// `diffuse prep`: converts images into a dataset file (trainer/data_commands.cpp, data/prep.h).
+void add_prep_command(CLI::App& app, CommandAction& action);
+
+/// The dataset part of `diffuse inspect FILE.h5`: prints count, shape, dtype, chunking,
+/// compression and the label histogram to stdout and, with `grid`, saves the first k images as
+/// a PNG grid. Throws naming the file when it is not a valid dataset; returns the exit code.
+int inspect_dataset_command(const std::filesystem::path& file, const std::optional<std::filesystem::path>& grid,
+                            int64_t k);
 
 }  // namespace diffuse::trainer

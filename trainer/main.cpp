@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
 
   trainer::CommandAction action;
   trainer::add_doctor_command(app, action);
+  trainer::add_prep_command(app, action);
 
   // CLI11 reports a misspelt subcommand as "a subcommand is required"; name it instead.
   for (int i = 1; i < argc; ++i) {
