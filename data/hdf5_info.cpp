@@ -2,6 +2,8 @@
 
 #include <hdf5.h>
 
+#include "data/impl/hdf5.h"
+
 namespace diffuse::data {
 
 std::string Hdf5Info::version() const {
@@ -9,6 +11,7 @@ std::string Hdf5Info::version() const {
 }
 
 Hdf5Info hdf5_library_info() {
+  impl::Hdf5Lock lock;  // the first HDF5 call of a process may be this one
   Hdf5Info info;
   H5get_libversion(&info.major, &info.minor, &info.release);
   hbool_t thread_safe = 0;

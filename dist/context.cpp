@@ -5,6 +5,7 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -140,6 +141,23 @@ std::vector<std::string> Context::gather_strings(const std::string& mine) const 
 long long Context::max_over_ranks(long long mine) const {
   long long result = mine;
   DIFFUSE_MPI_CHECK(MPI_Allreduce(&mine, &result, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
+  return result;
+}
+
+std::string Context::broadcast_string(const std::string& value, int root) const {
+  if (root < 0 || root >= world_size()) {
+    throw std::invalid_argument("broadcast_string: root " + std::to_string(root) +
+                                " is not a rank of a world of " + std::to_string(world_size()));
+  }
+  unsigned long long length = rank() == root ? value.size() : 0;
+  DIFFUSE_MPI_CHECK(MPI_Bcast(&length, 1, MPI_UNSIGNED_LONG_LONG, root, MPI_COMM_WORLD));
+  std::string result = rank() == root ? value : std::string(static_cast<size_t>(length), '\0');
+  // MPI counts are ints: send in chunks so a string over 2 GiB still works.
+  constexpr unsigned long long kChunk = 1ull << 30;
+  for (unsigned long long offset = 0; offset < length; offset += kChunk) {
+    int count = static_cast<int>(std::min(kChunk, length - offset));
+    DIFFUSE_MPI_CHECK(MPI_Bcast(result.data() + offset, count, MPI_CHAR, root, MPI_COMM_WORLD));
+  }
   return result;
 }
 

@@ -77,6 +77,10 @@ class Context {
   /// The largest of every rank's value, returned on every rank (e.g. an exit code all agree on).
   long long max_over_ranks(long long mine) const;
 
+  /// Rank `root`'s string, returned on every rank (the other ranks' `value` is ignored). For
+  /// small host messages (a path, a manifest), not for tensors.
+  std::string broadcast_string(const std::string& value, int root = 0) const;
+
  private:
   Context() = default;
   WorldInfo world_;

@@ -18,7 +18,7 @@ data="data/shapes32.h5"
 run="runs/demo"
 if [ ! -f "$data" ]; then
   mkdir -p data
-  "$DIFFUSE_EXE" prep --synthetic shapes --count 20000 --size 32 --out "$data"
+  "$DIFFUSE_EXE" prep --synthetic shapes --count 20000 --size 32 -o "$data"
 fi
 extra=()
 if [ -n "${DEMO_STEPS:-}" ]; then extra+=(--set "train.steps=$DEMO_STEPS"); fi

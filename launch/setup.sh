@@ -3,7 +3,7 @@
 # it checks each step and redoes only what is missing (a warm rerun takes seconds plus an
 # incremental build).
 #
-#   1. Debian packages (build tools, OpenMPI, HDF5, spdlog, GoogleTest, yaml-cpp, CLI11, stb)
+#   1. Debian packages (build tools, OpenMPI, HDF5, spdlog, GoogleTest, yaml-cpp, CLI11, stb, OpenSSL)
 #   2. LibTorch 2.11.0 from the PyPI wheel torch==2.11.0 (CUDA 13.0 build) in a venv under the
 #      per-user cache (see launch/env.sh), linked as .deps/torch-venv
 #   3. CMake configure (Release, Ninja, ccache, precompiled torch header) and build
@@ -32,7 +32,7 @@ done
 # --- 1. Debian packages -------------------------------------------------------------------
 packages=(build-essential cmake ninja-build ccache pkg-config git python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libspdlog-dev libfmt-dev
-          libgtest-dev libyaml-cpp-dev libcli11-dev libstb-dev zlib1g-dev)
+          libgtest-dev libyaml-cpp-dev libcli11-dev libstb-dev zlib1g-dev libssl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

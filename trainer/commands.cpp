@@ -8,10 +8,12 @@
 #include <iostream>
 #include <memory>
 
+#include "data/dataset.h"
 #include "data/hdf5_tensors.h"
 #include "data/image_io.h"
 #include "dist/communicator.h"
 #include "model/safetensors.h"
+#include "model/state_dict.h"
 #include "trainer/checkpoint.h"
 #include "trainer/doctor.h"
 #include "trainer/logging.h"
@@ -300,8 +302,9 @@ void add_inspect_command(CLI::App& app, CommandAction& action) {
     action = [path, grid, k, no_verify](const dist::Context& ctx) {
       if (!ctx.is_root()) return 0;
       if (std::filesystem::is_directory(*path)) {
-        std::cout << describe_checkpoint(*path, !*no_verify);
-        return 0;
+        auto summary = describe_checkpoint(*path, !*no_verify);
+        std::cout << summary.text;
+        return summary.ok ? 0 : 1;
       }
       std::optional<std::filesystem::path> grid_path;
       if (!grid->empty()) grid_path = *grid;

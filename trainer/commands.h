@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -22,9 +23,12 @@ void add_export_command(CLI::App& app, CommandAction& action);
 void add_eval_command(CLI::App& app, CommandAction& action);
 /// `inspect PATH`: a dataset file (data) or a checkpoint directory.
 void add_inspect_command(CLI::App& app, CommandAction& action);
-/// `prep`: builds an HDF5 dataset (trainer/data_commands.cpp).
+/// `diffuse prep`: converts images into a dataset file (trainer/data_commands.cpp, data/prep.h).
 void add_prep_command(CLI::App& app, CommandAction& action);
-/// Prints a dataset summary (and optionally a PNG grid of the first k images); returns the exit code.
+
+/// The dataset part of `diffuse inspect FILE.h5`: prints count, shape, dtype, chunking,
+/// compression and the label histogram to stdout and, with `grid`, saves the first k images as
+/// a PNG grid. Throws naming the file when it is not a valid dataset; returns the exit code.
 int inspect_dataset_command(const std::filesystem::path& file, const std::optional<std::filesystem::path>& grid,
                             int64_t k);
 

@@ -156,37 +156,35 @@ void assign(const Field& field, const YAML::Node& node) {
   }
 }
 
+/// Shortest text that reads back to the same double (so to_yaml round-trips exactly), kept a
+/// float in YAML's eyes (1 -> 1.0).
+std::string shortest_text(double value) {
+  std::string text;
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::ostringstream candidate;
+    candidate.precision(digits);
+    candidate << value;
+    text = candidate.str();
+    if (std::stod(text) == value) break;
+  }
+  if (text.find_first_of(".eEn") == std::string::npos) text += ".0";
+  return text;
+}
+
 void emit(YAML::Emitter& out, const FieldRef& ref) {
   std::visit(
       [&](auto* p) {
         using T = std::remove_pointer_t<decltype(p)>;
-        if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<double>>) {
+        if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<bool>>) {
           out << YAML::Flow << YAML::BeginSeq;
-          for (auto v : *p) out << v;
+          for (auto v : *p) out << static_cast<typename T::value_type>(v);
           out << YAML::EndSeq;
-        } else if constexpr (std::is_same_v<T, std::vector<bool>>) {
+        } else if constexpr (std::is_same_v<T, std::vector<double>>) {
           out << YAML::Flow << YAML::BeginSeq;
-          for (bool v : *p) out << v;
+          for (double v : *p) out << shortest_text(v);
           out << YAML::EndSeq;
         } else if constexpr (std::is_same_v<T, double>) {
-          // Shortest text that reads back to the same double, so to_yaml round-trips exactly.
-          std::ostringstream text;
-          text.precision(17);
-          text << *p;
-          double back = std::stod(text.str());
-          for (int digits = 6; digits < 17; ++digits) {
-            std::ostringstream shorter;
-            shorter.precision(digits);
-            shorter << *p;
-            if (std::stod(shorter.str()) == back) {
-              text.str(shorter.str());
-              break;
-            }
-          }
-          std::string s = text.str();
-          // Keep it a float in YAML's eyes (1 -> 1.0) for readability.
-          if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
-          out << s;
+          out << shortest_text(*p);
         } else {
           out << *p;
         }

@@ -513,8 +513,12 @@ void Trainer::State::restore(const LoadedCheckpoint& checkpoint) {
 void Trainer::State::save_checkpoint() {
   auto start = Clock::now();
   try {
-    auto dir = checkpoints->save(checkpoint_contents());
-    if (ctx.is_root()) log::info("checkpoint {} ({:.1f}s)", dir.string(), seconds_since(start));
+    auto saved = checkpoints->save(checkpoint_contents());
+    if (ctx.is_root()) {
+      log::info("checkpoint {} ({:.1f} MB in {:.1f}s)", saved.directory.string(), saved.bytes / 1e6,
+                seconds_since(start));
+      for (const auto& warning : saved.warnings) log::warn("{}", warning);
+    }
   } catch (const std::exception& error) {
     if (config.checkpoint.stop_on_error) throw;
     log::error("checkpoint at step {} failed, training continues (checkpoint.stop_on_error=false): {}", step,

@@ -11,6 +11,7 @@
 
 #include "data/hdf5_tensors.h"
 #include "model/safetensors.h"
+#include "model/state_dict.h"
 #include "model/unet.h"
 #include "support.h"
 
@@ -28,7 +29,7 @@ class EndToEnd : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new TempDir();
-    auto result = run_command(diffuse_exe() + " prep --synthetic shapes --count 96 --size 16 --out " +
+    auto result = run_command(diffuse_exe() + " prep --synthetic shapes --count 96 --size 16 -o " +
                               (dir_->path() / "shapes16.h5").string());
     ASSERT_EQ(result.exit_code, 0) << result.output;
   }

@@ -1,0 +1,622 @@
+// model/diffusion.cpp: beta schedules, the likelihood terms, and GaussianDiffusion.
+//
+// Reference parity notes. Schedules and buffers use the reference's float64 torch operations in
+// its order (including `1. / x` as reciprocal and the sigmoid schedule's float32 constants), so the
+// float32 buffers are bit-identical. The samplers consume random numbers exactly like the reference
+// (same shapes, same order, same count) so a seeded CPU generator reproduces its samples.
+#include "model/diffusion.h"
+
+#include <cmath>
+#include <limits>
+#include <numbers>
+#include <stdexcept>
+
+#include "model/json.h"
+#include "model/likelihood.h"
+#include "model/schedules.h"
+
+namespace diffuse::model {
+
+// ---------------------------------------------------------------------------------------------
+// Schedules
+
+torch::Tensor linear_beta_schedule(int64_t timesteps) {
+  const double scale = 1000.0 / static_cast<double>(timesteps);
+  return torch::linspace(scale * 0.0001, scale * 0.02, timesteps, torch::kFloat64);
+}
+
+torch::Tensor cosine_beta_schedule(int64_t timesteps, double s) {
+  auto t = torch::linspace(0, static_cast<double>(timesteps), timesteps + 1, torch::kFloat64) / timesteps;
+  auto alphas_cumprod = torch::cos((t + s) / (1 + s) * std::numbers::pi * 0.5).pow(2);
+  alphas_cumprod = alphas_cumprod / alphas_cumprod[0];
+  auto betas = 1 - (alphas_cumprod.slice(0, 1) / alphas_cumprod.slice(0, 0, -1));
+  return torch::clamp(betas, 0, 0.999);
+}
+
+torch::Tensor sigmoid_beta_schedule(int64_t timesteps, double start, double end, double tau) {
+  auto t = torch::linspace(0, static_cast<double>(timesteps), timesteps + 1, torch::kFloat64) / timesteps;
+  // The reference builds these with torch.tensor(python float): float32 0-dim tensors. Added to a
+  // float64 vector they are promoted, but their difference is taken in float32 (quirk kept: pure
+  // float64 constants move betas by up to 6.5e-6).
+  auto v_start = torch::scalar_tensor(start / tau, torch::kFloat32).sigmoid();
+  auto v_end = torch::scalar_tensor(end / tau, torch::kFloat32).sigmoid();
+  auto alphas_cumprod = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start);
+  alphas_cumprod = alphas_cumprod / alphas_cumprod[0];
+  auto betas = 1 - (alphas_cumprod.slice(0, 1) / alphas_cumprod.slice(0, 0, -1));
+  return torch::clamp(betas, 0, 0.999);
+}
+
+torch::Tensor beta_schedule(const std::string& name, int64_t timesteps) {
+  if (name == "linear") return linear_beta_schedule(timesteps);
+  if (name == "cosine") return cosine_beta_schedule(timesteps);
+  if (name == "sigmoid") return sigmoid_beta_schedule(timesteps);
+  throw std::invalid_argument("unknown beta schedule '" + name + "' (allowed: linear, cosine, sigmoid)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Likelihood terms
+
+torch::Tensor normal_kl(const torch::Tensor& mean1, const torch::Tensor& logvar1, const torch::Tensor& mean2,
+                        const torch::Tensor& logvar2) {
+  return 0.5 * (-1.0 + logvar2 - logvar1 + torch::exp(logvar1 - logvar2) +
+                (mean1 - mean2).pow(2) * torch::exp(-logvar2));
+}
+
+namespace {
+
+// log(1 - exp(x)) for x <= 0 (Maechler's log1mexp). Each branch sees only inputs where it is safe,
+// so neither the value nor the gradient of the unused branch can be NaN.
+torch::Tensor log1mexp(const torch::Tensor& x) {
+  const double cut = -std::numbers::ln2;
+  auto near = x > cut;
+  auto x_near = torch::where(near, x, torch::full_like(x, -1.0));
+  auto x_far = torch::where(near, torch::full_like(x, -1.0), x);
+  return torch::where(near, torch::log(-torch::expm1(x_near)), torch::log1p(-torch::exp(x_far)));
+}
+
+}  // namespace
+
+torch::Tensor log_normal_cdf_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  auto a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
+  // In the upper tail both CDFs round to 1 and their difference cancels; mirror the interval so
+  // both ends sit in the lower tail, where log_ndtr keeps full relative precision.
+  auto flip = a64 > 0;
+  auto lo = torch::where(flip, -b64, a64);
+  auto hi = torch::where(flip, -a64, b64);
+  auto log_hi = torch::special::log_ndtr(hi);
+  return log_hi + log1mexp(torch::special::log_ndtr(lo) - log_hi);
+}
+
+torch::Tensor discretized_gaussian_log_likelihood(const torch::Tensor& x, const torch::Tensor& means,
+                                                  const torch::Tensor& log_scales) {
+  TORCH_CHECK(x.sizes() == means.sizes() && x.sizes() == log_scales.sizes(),
+              "discretized_gaussian_log_likelihood: x, means and log_scales must have one shape, got ", x.sizes(),
+              ", ", means.sizes(), ", ", log_scales.sizes());
+  auto x64 = x.to(torch::kFloat64);
+  auto centered = x64 - means.to(torch::kFloat64);
+  auto inv_stdv = torch::exp(-log_scales.to(torch::kFloat64));
+  auto plus_in = inv_stdv * (centered + 1.0 / 255.0);
+  auto min_in = inv_stdv * (centered - 1.0 / 255.0);
+  // Edge buckets reach to -inf / +inf: P = Phi(plus_in) at x = -1 and 1 - Phi(min_in) = Phi(-min_in)
+  // at x = 1. Every branch works on finite inputs, so no inf reaches a gradient.
+  auto lower_edge = torch::special::log_ndtr(plus_in);
+  auto upper_edge = torch::special::log_ndtr(-min_in);
+  auto interior = log_normal_cdf_diff(min_in, plus_in);
+  auto log_probs = torch::where(x64 < -0.999, lower_edge, torch::where(x64 > 0.999, upper_edge, interior));
+  return log_probs.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& owner, const std::string& field, const std::string& value,
+                          const std::string& allowed) {
+  throw std::invalid_argument(owner + "." + field + " = " + value + " is invalid: " + allowed);
+}
+
+std::string num(double v) { return std::isfinite(v) ? json::number(v) : std::to_string(v); }
+
+}  // namespace
+
+void SampleOptions::validate(int64_t timesteps) const {
+  if (sampler != "ddpm" && sampler != "ddim") invalid("SampleOptions", "sampler", sampler, "allowed: ddpm, ddim");
+  if (sampler == "ddim" && (steps < 1 || steps > timesteps)) {
+    invalid("SampleOptions", "steps", std::to_string(steps),
+            "DDIM needs 1 <= steps <= timesteps (" + std::to_string(timesteps) + ")");
+  }
+  if (!(eta >= 0) || !std::isfinite(eta)) invalid("SampleOptions", "eta", num(eta), "must be finite and >= 0");
+}
+
+void DiffusionOptions::validate() const {
+  const std::string o = "DiffusionOptions";
+  if (image_size < 1) invalid(o, "image_size", std::to_string(image_size), "must be positive");
+  if (timesteps < 2) invalid(o, "timesteps", std::to_string(timesteps), "must be >= 2");
+  if (sampling_timesteps && (*sampling_timesteps < 1 || *sampling_timesteps > timesteps)) {
+    invalid(o, "sampling_timesteps", std::to_string(*sampling_timesteps),
+            "must be in [1, timesteps = " + std::to_string(timesteps) + "]");
+  }
+  if (objective != "pred_noise" && objective != "pred_x0" && objective != "pred_v") {
+    invalid(o, "objective", "'" + objective + "'", "allowed: pred_noise, pred_x0, pred_v");
+  }
+  if (beta_schedule != "linear" && beta_schedule != "cosine" && beta_schedule != "sigmoid") {
+    invalid(o, "beta_schedule", "'" + beta_schedule + "'", "allowed: linear, cosine, sigmoid");
+  }
+  // The linear schedule ends at beta = 20 / T: T <= 20 would make alpha_bar zero or negative.
+  if (beta_schedule == "linear" && timesteps <= 20) {
+    invalid(o, "timesteps", std::to_string(timesteps), "the linear schedule needs timesteps > 20 (its last beta is 20/T)");
+  }
+  if (!(ddim_sampling_eta >= 0) || !std::isfinite(ddim_sampling_eta)) {
+    invalid(o, "ddim_sampling_eta", num(ddim_sampling_eta), "must be finite and >= 0");
+  }
+  if (!(offset_noise_strength >= 0) || !std::isfinite(offset_noise_strength)) {
+    invalid(o, "offset_noise_strength", num(offset_noise_strength), "must be finite and >= 0");
+  }
+  if (!(min_snr_gamma > 0) || !std::isfinite(min_snr_gamma)) {
+    invalid(o, "min_snr_gamma", num(min_snr_gamma), "must be finite and > 0");
+  }
+  if (!(vlb_weight >= 0) || !std::isfinite(vlb_weight)) invalid(o, "vlb_weight", num(vlb_weight), "must be finite and >= 0");
+}
+
+SampleOptions DiffusionOptions::reference_sample_options() const {
+  SampleOptions s;
+  if (sampling_timesteps && *sampling_timesteps < timesteps) {
+    s.sampler = "ddim";
+    s.steps = *sampling_timesteps;
+    s.eta = ddim_sampling_eta;
+  } else {
+    s.sampler = "ddpm";
+    s.steps = timesteps;
+  }
+  return s;
+}
+
+std::string DiffusionOptions::to_json() const {
+  auto boolean = [](bool b) { return std::string(b ? "true" : "false"); };
+  return "{\"image_size\":" + std::to_string(image_size) + ",\"timesteps\":" + std::to_string(timesteps) +
+         ",\"sampling_timesteps\":" + (sampling_timesteps ? std::to_string(*sampling_timesteps) : "null") +
+         ",\"objective\":" + json::quote(objective) + ",\"beta_schedule\":" + json::quote(beta_schedule) +
+         ",\"ddim_sampling_eta\":" + json::number(ddim_sampling_eta) +
+         ",\"auto_normalize\":" + boolean(auto_normalize) +
+         ",\"offset_noise_strength\":" + json::number(offset_noise_strength) +
+         ",\"min_snr_loss_weight\":" + boolean(min_snr_loss_weight) +
+         ",\"min_snr_gamma\":" + json::number(min_snr_gamma) + ",\"vlb_weight\":" + json::number(vlb_weight) + "}";
+}
+
+DiffusionOptions DiffusionOptions::from_json(const std::string& text) {
+  json::Value root;
+  try {
+    root = json::parse(text);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("DiffusionOptions JSON: ") + e.what());
+  }
+  if (root.type() != json::Value::Type::Object) {
+    throw std::invalid_argument(std::string("DiffusionOptions JSON must be an object, got ") + root.type_name());
+  }
+  DiffusionOptions o;
+  for (const auto& [key, value] : root.as_object()) {
+    try {
+      if (key == "image_size") o.image_size = value.as_int64();
+      else if (key == "timesteps") o.timesteps = value.as_int64();
+      else if (key == "sampling_timesteps")
+        o.sampling_timesteps = value.is_null() ? std::optional<int64_t>() : value.as_int64();
+      else if (key == "objective") o.objective = value.as_string();
+      else if (key == "beta_schedule") o.beta_schedule = value.as_string();
+      else if (key == "ddim_sampling_eta") o.ddim_sampling_eta = value.as_double();
+      else if (key == "auto_normalize") o.auto_normalize = value.as_bool();
+      else if (key == "offset_noise_strength") o.offset_noise_strength = value.as_double();
+      else if (key == "min_snr_loss_weight") o.min_snr_loss_weight = value.as_bool();
+      else if (key == "min_snr_gamma") o.min_snr_gamma = value.as_double();
+      else if (key == "vlb_weight") o.vlb_weight = value.as_double();
+      else throw std::invalid_argument("unknown key");
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("DiffusionOptions JSON key \"" + key + "\": " + e.what());
+    }
+  }
+  o.validate();
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GaussianDiffusion
+
+namespace {
+
+// The reference's `extract`: a[t] reshaped to broadcast over a tensor of `ndim` dimensions.
+torch::Tensor extract(const torch::Tensor& a, const torch::Tensor& t, int64_t ndim) {
+  std::vector<int64_t> shape(static_cast<size_t>(ndim), 1);
+  shape[0] = t.size(0);
+  return a.gather(-1, t).reshape(shape);
+}
+
+std::vector<int64_t> non_batch_dims(const torch::Tensor& x) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+torch::Tensor mean_flat(const torch::Tensor& x) { return x.mean(non_batch_dims(x)); }
+
+std::optional<at::Generator> as_optional(const torch::Generator& generator) {
+  return generator.defined() ? std::optional<at::Generator>(generator) : std::nullopt;
+}
+
+torch::Device draw_device(const torch::Generator& generator, const torch::Device& fallback) {
+  return generator.defined() ? generator.device() : fallback;
+}
+
+// Standard normal noise of `sizes`, drawn on the generator's device (the same stream as the
+// reference's randn/randn_like on that device), then moved to `like`'s device.
+torch::Tensor randn_from(torch::Generator& generator, at::IntArrayRef sizes, const torch::TensorOptions& like) {
+  auto drawn = torch::randn(sizes, as_optional(generator), like.device(draw_device(generator, like.device())));
+  return drawn.to(like.device());
+}
+
+constexpr double kLn2 = std::numbers::ln2;
+
+}  // namespace
+
+GaussianDiffusionImpl::GaussianDiffusionImpl(Unet unet, DiffusionOptions options) : options_(std::move(options)) {
+  options_.validate();
+  if (!unet) throw std::invalid_argument("GaussianDiffusion: the Unet is empty (nullptr)");
+  const int64_t c = unet->channels();
+  if (unet->out_dim() != c && unet->out_dim() != 2 * c) {
+    throw std::invalid_argument("GaussianDiffusion: Unet out_dim " + std::to_string(unet->out_dim()) +
+                                " must equal channels (" + std::to_string(c) + "), or 2 * channels (" +
+                                std::to_string(2 * c) + ") for a learned variance");
+  }
+  if (unet->random_or_learned_sinusoidal_cond()) {
+    throw std::invalid_argument(
+        "GaussianDiffusion: a Unet with learned_sinusoidal_cond or random_fourier_features is for "
+        "continuous-time diffusion; the reference's GaussianDiffusion refuses it too");
+  }
+  if (options_.image_size % unet->downsample_factor() != 0) {
+    throw std::invalid_argument("GaussianDiffusion: image_size " + std::to_string(options_.image_size) +
+                                " is not divisible by the Unet's downsample factor " +
+                                std::to_string(unet->downsample_factor()));
+  }
+  objective_ = options_.objective == "pred_noise" ? Objective::kPredNoise
+               : options_.objective == "pred_x0"  ? Objective::kPredX0
+                                                  : Objective::kPredV;
+  model = register_module("model", std::move(unet));
+
+  // Everything in float64 with the reference's operations, cast to float32 at registration.
+  const auto b = beta_schedule(options_.beta_schedule, options_.timesteps);
+  const auto alphas = 1. - b;
+  const auto ac = torch::cumprod(alphas, 0);
+  const auto ac_prev = torch::constant_pad_nd(ac.slice(0, 0, -1), {1, 0}, 1.);
+  auto reg = [&](const char* name, const torch::Tensor& value) {
+    return register_buffer(name, value.to(torch::kFloat32));
+  };
+  betas = reg("betas", b);
+  alphas_cumprod = reg("alphas_cumprod", ac);
+  alphas_cumprod_prev = reg("alphas_cumprod_prev", ac_prev);
+  sqrt_alphas_cumprod = reg("sqrt_alphas_cumprod", torch::sqrt(ac));
+  sqrt_one_minus_alphas_cumprod = reg("sqrt_one_minus_alphas_cumprod", torch::sqrt(1. - ac));
+  log_one_minus_alphas_cumprod = reg("log_one_minus_alphas_cumprod", torch::log(1. - ac));
+  // Python's `1. / x` is x.reciprocal() * 1.
+  sqrt_recip_alphas_cumprod = reg("sqrt_recip_alphas_cumprod", torch::sqrt(ac.reciprocal()));
+  sqrt_recipm1_alphas_cumprod = reg("sqrt_recipm1_alphas_cumprod", torch::sqrt(ac.reciprocal() - 1));
+  const auto pv = b * (1. - ac_prev) / (1. - ac);
+  posterior_variance = reg("posterior_variance", pv);
+  posterior_log_variance_clipped = reg("posterior_log_variance_clipped", torch::log(pv.clamp_min(1e-20)));
+  posterior_mean_coef1 = reg("posterior_mean_coef1", b * torch::sqrt(ac_prev) / (1. - ac));
+  posterior_mean_coef2 = reg("posterior_mean_coef2", (1. - ac_prev) * torch::sqrt(alphas) / (1. - ac));
+  const auto snr = ac / (1 - ac);
+  auto clipped_snr = snr.clone();
+  if (options_.min_snr_loss_weight) clipped_snr.clamp_max_(options_.min_snr_gamma);
+  switch (objective_) {
+    case Objective::kPredNoise: loss_weight = reg("loss_weight", clipped_snr / snr); break;
+    case Objective::kPredX0: loss_weight = reg("loss_weight", clipped_snr); break;
+    case Objective::kPredV: loss_weight = reg("loss_weight", clipped_snr / (snr + 1)); break;
+  }
+}
+
+torch::Tensor GaussianDiffusionImpl::normalize(const torch::Tensor& img) const {
+  return options_.auto_normalize ? img * 2 - 1 : img;
+}
+
+torch::Tensor GaussianDiffusionImpl::unnormalize(const torch::Tensor& x) const {
+  return options_.auto_normalize ? (x + 1) * 0.5 : x;
+}
+
+torch::Tensor GaussianDiffusionImpl::q_sample(const torch::Tensor& x_start, const torch::Tensor& t,
+                                              const torch::Tensor& noise) const {
+  return extract(sqrt_alphas_cumprod, t, x_start.dim()) * x_start +
+         extract(sqrt_one_minus_alphas_cumprod, t, x_start.dim()) * noise;
+}
+
+torch::Tensor GaussianDiffusionImpl::predict_start_from_noise(const torch::Tensor& x_t, const torch::Tensor& t,
+                                                              const torch::Tensor& noise) const {
+  return extract(sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t -
+         extract(sqrt_recipm1_alphas_cumprod, t, x_t.dim()) * noise;
+}
+
+torch::Tensor GaussianDiffusionImpl::predict_noise_from_start(const torch::Tensor& x_t, const torch::Tensor& t,
+                                                              const torch::Tensor& x0) const {
+  return (extract(sqrt_recip_alphas_cumprod, t, x_t.dim()) * x_t - x0) /
+         extract(sqrt_recipm1_alphas_cumprod, t, x_t.dim());
+}
+
+torch::Tensor GaussianDiffusionImpl::predict_v(const torch::Tensor& x_start, const torch::Tensor& t,
+                                               const torch::Tensor& noise) const {
+  return extract(sqrt_alphas_cumprod, t, x_start.dim()) * noise -
+         extract(sqrt_one_minus_alphas_cumprod, t, x_start.dim()) * x_start;
+}
+
+torch::Tensor GaussianDiffusionImpl::predict_start_from_v(const torch::Tensor& x_t, const torch::Tensor& t,
+                                                          const torch::Tensor& v) const {
+  return extract(sqrt_alphas_cumprod, t, x_t.dim()) * x_t - extract(sqrt_one_minus_alphas_cumprod, t, x_t.dim()) * v;
+}
+
+GaussianStats GaussianDiffusionImpl::q_posterior(const torch::Tensor& x_start, const torch::Tensor& x_t,
+                                                 const torch::Tensor& t) const {
+  GaussianStats out;
+  out.mean = extract(posterior_mean_coef1, t, x_t.dim()) * x_start + extract(posterior_mean_coef2, t, x_t.dim()) * x_t;
+  out.variance = extract(posterior_variance, t, x_t.dim());
+  out.log_variance = extract(posterior_log_variance_clipped, t, x_t.dim());
+  return out;
+}
+
+torch::Tensor GaussianDiffusionImpl::self_cond_input(const torch::Tensor& x,
+                                                     const std::optional<torch::Tensor>& x_self_cond) const {
+  const bool given = x_self_cond.has_value() && x_self_cond->defined();
+  if (!model->self_condition()) {
+    TORCH_CHECK(!given, "x_self_cond given, but the Unet was built with self_condition = false");
+    return {};
+  }
+  return given ? *x_self_cond : torch::zeros_like(x);
+}
+
+ModelPrediction GaussianDiffusionImpl::model_predictions(const torch::Tensor& x, const torch::Tensor& t,
+                                                         const std::optional<torch::Tensor>& x_self_cond,
+                                                         bool clip_x_start, bool rederive_pred_noise) {
+  auto sc = self_cond_input(x, x_self_cond);
+  auto out = model->forward(x, t, sc.defined() ? std::optional<torch::Tensor>(sc) : std::nullopt);
+  return predictions_from_output(out, x, t, clip_x_start, rederive_pred_noise);
+}
+
+ModelPrediction GaussianDiffusionImpl::predictions_from_output(const torch::Tensor& model_output,
+                                                               const torch::Tensor& x, const torch::Tensor& t,
+                                                               bool clip_x_start, bool rederive_pred_noise) const {
+  ModelPrediction pred;
+  torch::Tensor out = model_output;
+  if (learned_variance()) {
+    auto parts = model_output.split(channels(), 1);
+    out = parts[0];
+    pred.var_output = parts[1];
+  }
+  auto maybe_clip = [&](const torch::Tensor& v) { return clip_x_start ? v.clamp(-1., 1.) : v; };
+  switch (objective_) {
+    case Objective::kPredNoise:
+      pred.pred_noise = out;
+      pred.pred_x_start = maybe_clip(predict_start_from_noise(x, t, out));
+      if (clip_x_start && rederive_pred_noise) pred.pred_noise = predict_noise_from_start(x, t, pred.pred_x_start);
+      break;
+    case Objective::kPredX0:
+      pred.pred_x_start = maybe_clip(out);
+      pred.pred_noise = predict_noise_from_start(x, t, pred.pred_x_start);
+      break;
+    case Objective::kPredV:
+      pred.pred_x_start = maybe_clip(predict_start_from_v(x, t, out));
+      pred.pred_noise = predict_noise_from_start(x, t, pred.pred_x_start);
+      break;
+  }
+  return pred;
+}
+
+torch::Tensor GaussianDiffusionImpl::likelihood_log_variance(const torch::Tensor& t, int64_t ndim) const {
+  const auto& lv = posterior_log_variance_clipped;
+  return extract(torch::cat({lv.slice(0, 1, 2), lv.slice(0, 1)}), t, ndim);
+}
+
+torch::Tensor GaussianDiffusionImpl::learned_log_variance(const torch::Tensor& var_output,
+                                                          const torch::Tensor& t) const {
+  auto min_log = likelihood_log_variance(t, var_output.dim());
+  auto max_log = extract(torch::log(betas), t, var_output.dim());
+  auto frac = (var_output + 1) / 2;
+  return frac * max_log + (1 - frac) * min_log;
+}
+
+GaussianStats GaussianDiffusionImpl::p_mean_variance_from_output(const torch::Tensor& model_output,
+                                                                 const torch::Tensor& x, const torch::Tensor& t,
+                                                                 bool clip_denoised) const {
+  auto pred = predictions_from_output(model_output, x, t);
+  auto x_start = clip_denoised ? pred.pred_x_start.clamp(-1., 1.) : pred.pred_x_start;
+  auto stats = q_posterior(x_start, x, t);
+  stats.pred_x_start = x_start;
+  if (pred.var_output.defined()) {
+    stats.log_variance = learned_log_variance(pred.var_output, t);
+    stats.variance = stats.log_variance.exp();
+  }
+  return stats;
+}
+
+GaussianStats GaussianDiffusionImpl::p_mean_variance(const torch::Tensor& x, const torch::Tensor& t,
+                                                     const std::optional<torch::Tensor>& x_self_cond,
+                                                     bool clip_denoised) {
+  auto sc = self_cond_input(x, x_self_cond);
+  auto out = model->forward(x, t, sc.defined() ? std::optional<torch::Tensor>(sc) : std::nullopt);
+  return p_mean_variance_from_output(out, x, t, clip_denoised);
+}
+
+torch::Tensor GaussianDiffusionImpl::vb_terms_bpd(const GaussianStats& p, const torch::Tensor& x_start,
+                                                  const torch::Tensor& x_t, const torch::Tensor& t) const {
+  // improved-diffusion's clipped log variances (t = 0 takes t = 1's): the reference's log(1e-20)
+  // at t = 0 would make the decoder a near-delta.
+  const auto clipped = likelihood_log_variance(t, x_t.dim());
+  const auto true_mean = q_posterior(x_start, x_t, t).mean;
+  auto kl = mean_flat(normal_kl(true_mean, clipped, p.mean, p.log_variance)) / kLn2;
+  const auto decoder_log_variance = learned_variance() ? p.log_variance : clipped;
+  auto log_scales = (0.5 * decoder_log_variance).expand_as(x_start);
+  auto decoder_nll =
+      -mean_flat(discretized_gaussian_log_likelihood(x_start, p.mean.expand_as(x_start), log_scales)) / kLn2;
+  return torch::where(t == 0, decoder_nll, kl);
+}
+
+torch::Tensor GaussianDiffusionImpl::hybrid_vlb_loss(const torch::Tensor& model_output, const torch::Tensor& x_start,
+                                                     const torch::Tensor& x_t, const torch::Tensor& t) const {
+  TORCH_CHECK(learned_variance(), "hybrid_vlb_loss needs a learned-variance Unet (out_dim = 2 * channels)");
+  auto parts = model_output.split(channels(), 1);
+  // Stop-gradient on the mean: the VLB term trains only the variance (Improved DDPM, Sec. 3.1).
+  auto frozen = torch::cat({parts[0].detach(), parts[1]}, 1);
+  auto p = p_mean_variance_from_output(frozen, x_t, t, /*clip_denoised=*/false);
+  return vb_terms_bpd(p, x_start, x_t, t) * (options_.vlb_weight * static_cast<double>(options_.timesteps));
+}
+
+torch::Tensor GaussianDiffusionImpl::prior_bpd(const torch::Tensor& x_start) const {
+  auto t = torch::full({x_start.size(0)}, options_.timesteps - 1,
+                       torch::TensorOptions(torch::kLong).device(x_start.device()));
+  auto mean = extract(sqrt_alphas_cumprod, t, x_start.dim()) * x_start;
+  auto log_variance = extract(log_one_minus_alphas_cumprod, t, x_start.dim());
+  auto zero = torch::zeros({}, x_start.options());
+  return mean_flat(normal_kl(mean, log_variance.expand_as(mean), zero, zero)) / kLn2;
+}
+
+torch::Tensor GaussianDiffusionImpl::p_losses(const torch::Tensor& x_start, const torch::Tensor& t,
+                                              const torch::Tensor& noise, bool self_condition_pass) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x_start.size(0) && t.scalar_type() == torch::kLong,
+              "timesteps t must be int64 of shape [", x_start.size(0), "], got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(noise.sizes() == x_start.sizes(), "noise must have the shape of x_start ", x_start.sizes(), ", got ",
+              noise.sizes());
+  auto x = q_sample(x_start, t, noise);
+  std::optional<torch::Tensor> x_self_cond;
+  if (model->self_condition()) {
+    if (self_condition_pass) {
+      torch::NoGradGuard no_grad;
+      x_self_cond = model_predictions(x, t).pred_x_start.detach();
+    } else {
+      x_self_cond = torch::zeros_like(x);
+    }
+  }
+  auto model_out = model->forward(x, t, x_self_cond);
+  auto mean_out = learned_variance() ? model_out.slice(1, 0, channels()) : model_out;
+  torch::Tensor target;
+  switch (objective_) {
+    case Objective::kPredNoise: target = noise; break;
+    case Objective::kPredX0: target = x_start; break;
+    case Objective::kPredV: target = predict_v(x_start, t, noise); break;
+  }
+  auto loss = mean_flat(torch::mse_loss(mean_out, target, at::Reduction::None));
+  loss = loss * extract(loss_weight, t, 1);
+  if (learned_variance()) loss = loss + hybrid_vlb_loss(model_out, x_start, x, t);
+  return loss;
+}
+
+torch::Tensor GaussianDiffusionImpl::training_losses(const torch::Tensor& x_start, const torch::Tensor& t,
+                                                     const torch::Tensor& noise, torch::Generator generator) {
+  auto eps = noise;
+  if (options_.offset_noise_strength > 0) {
+    auto offset = randn_from(generator, {x_start.size(0), x_start.size(1)}, x_start.options());
+    eps = noise + options_.offset_noise_strength * offset.unsqueeze(-1).unsqueeze(-1);
+  }
+  bool self_condition_pass = false;
+  if (model->self_condition()) {
+    auto coin = torch::rand({1}, as_optional(generator),
+                            torch::TensorOptions(torch::kFloat32).device(draw_device(generator, torch::kCPU)));
+    self_condition_pass = coin.item<float>() < 0.5f;
+  }
+  return p_losses(x_start, t, eps, self_condition_pass);
+}
+
+torch::Tensor GaussianDiffusionImpl::forward(const torch::Tensor& img, torch::Generator generator) {
+  const int64_t s = options_.image_size;
+  TORCH_CHECK(img.dim() == 4 && img.size(1) == channels() && img.size(2) == s && img.size(3) == s,
+              "GaussianDiffusion expects images of shape [batch, ", channels(), ", ", s, ", ", s, "], got ",
+              img.sizes());
+  const int64_t b = img.size(0);
+  auto t = torch::randint(0, options_.timesteps, {b}, as_optional(generator),
+                          torch::TensorOptions(torch::kLong).device(draw_device(generator, img.device())))
+               .to(img.device());
+  auto x_start = normalize(img);
+  auto noise = randn_from(generator, x_start.sizes(), x_start.options());
+  return training_losses(x_start, t, noise, generator).mean();
+}
+
+torch::Tensor GaussianDiffusionImpl::sample(int64_t batch, const SampleOptions& options, torch::Generator generator) {
+  TORCH_CHECK(batch >= 1, "sample: batch must be positive, got ", batch);
+  const int64_t s = options_.image_size;
+  auto noise = randn_from(generator, {batch, channels(), s, s}, betas.options());
+  return sample_from(noise, options, generator);
+}
+
+torch::Tensor GaussianDiffusionImpl::p_sample_step(const torch::Tensor& img, int64_t t, torch::Tensor& x_start,
+                                                   bool clip, torch::Generator& generator) {
+  auto batched = torch::full({img.size(0)}, t, torch::TensorOptions(torch::kLong).device(img.device()));
+  std::optional<torch::Tensor> sc;
+  if (self_condition()) sc = x_start.defined() ? x_start : torch::zeros_like(img);
+  auto p = p_mean_variance(img, batched, sc, clip);
+  x_start = p.pred_x_start;
+  if (t == 0) return p.mean;  // the reference adds exp(.) * 0.
+  auto noise = randn_from(generator, img.sizes(), img.options());
+  return p.mean + (0.5 * p.log_variance).exp() * noise;
+}
+
+torch::Tensor GaussianDiffusionImpl::sample_from(torch::Tensor initial_noise, const SampleOptions& options,
+                                                 torch::Generator generator) {
+  options.validate(options_.timesteps);
+  const int64_t s = options_.image_size;
+  TORCH_CHECK(initial_noise.dim() == 4 && initial_noise.size(1) == channels() && initial_noise.size(2) == s &&
+                  initial_noise.size(3) == s,
+              "sample_from: initial noise must have shape [batch, ", channels(), ", ", s, ", ", s, "], got ",
+              initial_noise.sizes());
+  torch::NoGradGuard no_grad;
+  auto img = initial_noise.to(betas.device(), betas.scalar_type());
+  const int64_t b = img.size(0);
+  torch::Tensor x_start;
+  if (options.sampler == "ddpm") {
+    for (int64_t t = options_.timesteps - 1; t >= 0; --t) img = p_sample_step(img, t, x_start, options.clip_denoised, generator);
+    return unnormalize(img);
+  }
+  // DDIM: times = linspace(-1, T - 1, steps + 1) in float32, truncated to int, reversed.
+  auto times = torch::linspace(-1, static_cast<double>(options_.timesteps - 1), options.steps + 1).to(torch::kInt);
+  std::vector<int64_t> order(static_cast<size_t>(options.steps + 1));
+  for (int64_t i = 0; i <= options.steps; ++i) order[static_cast<size_t>(i)] = times[options.steps - i].item<int>();
+  for (int64_t i = 0; i < options.steps; ++i) {
+    const int64_t time = order[static_cast<size_t>(i)], time_next = order[static_cast<size_t>(i) + 1];
+    auto time_cond = torch::full({b}, time, torch::TensorOptions(torch::kLong).device(img.device()));
+    std::optional<torch::Tensor> sc;
+    if (self_condition()) sc = x_start.defined() ? x_start : torch::zeros_like(img);
+    auto pred = model_predictions(img, time_cond, sc, options.clip_denoised, /*rederive_pred_noise=*/true);
+    x_start = pred.pred_x_start;
+    if (time_next < 0) {
+      img = x_start;
+      continue;
+    }
+    auto alpha = alphas_cumprod[time];
+    auto alpha_next = alphas_cumprod[time_next];
+    auto sigma = options.eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt();
+    auto c = (1 - alpha_next - sigma.pow(2)).sqrt();
+    // Drawn even when eta = 0 (sigma = 0): the reference does, and the stream must stay in step.
+    auto noise = randn_from(generator, img.sizes(), img.options());
+    img = x_start * alpha_next.sqrt() + c * pred.pred_noise + sigma * noise;
+  }
+  return unnormalize(img);
+}
+
+VlbResult GaussianDiffusionImpl::vlb_bits_per_dim(const torch::Tensor& x_start, torch::Generator generator,
+                                                  bool clip_denoised) {
+  TORCH_CHECK(x_start.dim() == 4 && x_start.size(1) == channels(), "vlb_bits_per_dim expects x_start of shape [batch, ",
+              channels(), ", H, W] in [-1, 1], got ", x_start.sizes());
+  torch::NoGradGuard no_grad;
+  const int64_t b = x_start.size(0), steps = options_.timesteps;
+  auto x0 = x_start.to(betas.device(), betas.scalar_type());
+  VlbResult r;
+  r.vb_bpd = torch::empty({b, steps}, x0.options());
+  r.mse = torch::empty({b, steps}, x0.options());
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    auto batched = torch::full({b}, t, torch::TensorOptions(torch::kLong).device(x0.device()));
+    auto noise = randn_from(generator, x0.sizes(), x0.options());
+    auto x_t = q_sample(x0, batched, noise);
+    auto p = p_mean_variance(x_t, batched, std::nullopt, clip_denoised);
+    r.vb_bpd.select(1, t).copy_(vb_terms_bpd(p, x0, x_t, batched));
+    auto eps = predict_noise_from_start(x_t, batched, p.pred_x_start);
+    r.mse.select(1, t).copy_(mean_flat((eps - noise).pow(2)));
+  }
+  r.prior_bpd = prior_bpd(x0);
+  r.total_bpd = r.vb_bpd.sum(1) + r.prior_bpd;
+  return r;
+}
+
+}  // namespace diffuse::model

@@ -1,0 +1,132 @@
+// The MPI bootstrap: identity, helpers over the world, and the launcher/world consistency check
+// that stops N tasks which came up as N separate worlds.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <map>
+
+#include "dist/context.h"
+#include "mpi_support.h"
+
+namespace diffuse::dist {
+namespace {
+
+using testing::world;
+
+/// Sets launcher variables for one test and restores the process's own afterwards.
+class LauncherEnvironment {
+ public:
+  LauncherEnvironment() {
+    for (const char* name : kNames) {
+      const char* value = std::getenv(name);
+      if (value) saved_[name] = value;
+      ::unsetenv(name);
+    }
+  }
+  ~LauncherEnvironment() {
+    for (const char* name : kNames) ::unsetenv(name);
+    for (const auto& [name, value] : saved_) ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  void set(const char* name, const char* value) { ::setenv(name, value, 1); }
+
+ private:
+  static constexpr const char* kNames[] = {"SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                           "PMIX_SIZE"};
+  std::map<std::string, std::string> saved_;
+};
+
+TEST(LauncherWorld, NoLauncherMeansNoExpectation) {
+  LauncherEnvironment env;
+  EXPECT_FALSE(launcher_world_size().has_value());
+}
+
+TEST(LauncherWorld, ReadsTheLaunchersVariable) {
+  LauncherEnvironment env;
+  env.set("OMPI_COMM_WORLD_SIZE", "4");
+  auto launcher = launcher_world_size();
+  ASSERT_TRUE(launcher.has_value());
+  EXPECT_EQ(launcher->variable, "OMPI_COMM_WORLD_SIZE");
+  EXPECT_EQ(launcher->size, 4);
+}
+
+TEST(LauncherWorld, SlurmStepTasksWinButAnAllocationAloneDoesNotCount) {
+  LauncherEnvironment env;
+  env.set("SLURM_NTASKS", "8");  // inside salloc/sbatch, not an srun step
+  env.set("PMI_SIZE", "2");
+  EXPECT_EQ(launcher_world_size()->variable, "PMI_SIZE");
+  env.set("SLURM_STEP_ID", "0");
+  EXPECT_EQ(launcher_world_size()->variable, "SLURM_NTASKS");
+  EXPECT_EQ(launcher_world_size()->size, 8);
+}
+
+TEST(LauncherWorld, IgnoresValuesThatAreNotCounts) {
+  LauncherEnvironment env;
+  env.set("OMPI_COMM_WORLD_SIZE", "four");
+  env.set("PMI_SIZE", "0");
+  EXPECT_FALSE(launcher_world_size().has_value());
+}
+
+TEST(LauncherWorld, SeparateWorldsAreRefusedWithHowToLaunch) {
+  EXPECT_NO_THROW(check_launcher_world(std::nullopt, 1));
+  EXPECT_NO_THROW(check_launcher_world(LauncherWorld{"SLURM_NTASKS", 4}, 4));
+  try {
+    check_launcher_world(LauncherWorld{"SLURM_NTASKS", 4}, 1);
+    FAIL() << "4 tasks in worlds of one were accepted";
+  } catch (const std::runtime_error& error) {
+    std::string message = error.what();
+    EXPECT_NE(message.find("started 4 tasks (SLURM_NTASKS=4) but MPI sees a world of 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("srun --mpi=pmix"), std::string::npos) << message;
+  }
+}
+
+TEST(Context, IdentityIsConsistentAcrossRanks) {
+  const auto& ctx = world();
+  EXPECT_GE(ctx.rank(), 0);
+  EXPECT_LT(ctx.rank(), ctx.world_size());
+  EXPECT_EQ(ctx.is_root(), ctx.rank() == 0);
+  EXPECT_GE(ctx.thread_level(), 1);  // at least MPI_THREAD_FUNNELED
+  if (const char* size = std::getenv("OMPI_COMM_WORLD_SIZE")) {
+    EXPECT_EQ(std::atoi(size), ctx.world_size());
+  }
+  // Local rank and size agree with the hostnames the ranks report.
+  auto identities = ctx.gather_strings(ctx.world().hostname + " " + std::to_string(ctx.local_rank()) + " " +
+                                       std::to_string(ctx.local_world_size()));
+  long long ok = 1;
+  if (ctx.is_root()) {
+    std::map<std::string, int> per_host;
+    for (const auto& identity : identities) ++per_host[identity.substr(0, identity.find(' '))];
+    std::map<std::string, int> next_local;
+    for (const auto& identity : identities) {
+      auto host = identity.substr(0, identity.find(' '));
+      std::string expected = host + " " + std::to_string(next_local[host]++) + " " + std::to_string(per_host[host]);
+      EXPECT_EQ(identity, expected);
+      ok = ok && identity == expected;
+    }
+  }
+  EXPECT_EQ(ctx.max_over_ranks(ok ? 0 : 1), 0);
+}
+
+TEST(Context, GatherStringsDeliversEveryRanksStringToRootInRankOrder) {
+  const auto& ctx = world();
+  std::string mine(static_cast<size_t>(ctx.rank()), 'x');  // rank 0 sends an empty string
+  mine += "rank " + std::to_string(ctx.rank());
+  auto all = ctx.gather_strings(mine);
+  if (!ctx.is_root()) {
+    EXPECT_TRUE(all.empty());
+    return;
+  }
+  ASSERT_EQ(static_cast<int>(all.size()), ctx.world_size());
+  for (int r = 0; r < ctx.world_size(); ++r) {
+    EXPECT_EQ(all[r], std::string(static_cast<size_t>(r), 'x') + "rank " + std::to_string(r));
+  }
+}
+
+TEST(Context, MaxOverRanksAndBarrier) {
+  const auto& ctx = world();
+  EXPECT_EQ(ctx.max_over_ranks(ctx.rank()), ctx.world_size() - 1);
+  EXPECT_EQ(ctx.max_over_ranks(-10LL * (ctx.rank() + 1)), -10);
+  ctx.barrier();
+}
+
+}  // namespace
+}  // namespace diffuse::dist

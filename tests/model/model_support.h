@@ -1,0 +1,145 @@
+// tests/model/model_support.h: helpers shared by the model tests: seeded generators, tiny U-Nets,
+// and access to the golden files written by golden/generate.py from the Python reference.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <ftw.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <map>
+#include <string>
+
+#include "model/diffusion.h"
+#include "model/json.h"
+#include "model/safetensors.h"
+#include "model/state_dict.h"
+#include "model/unet.h"
+
+namespace diffuse::testing {
+
+/// A fresh temporary directory, removed with everything in it when the object goes away.
+/// (Not support.h's TempDir: std::filesystem::remove_all binds to the copy libtorch.so exports,
+/// which crashes against Debian 12's libstdc++; POSIX nftw does the removal instead.)
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::random_device device;
+    path_ = std::filesystem::temp_directory_path() /
+            ("diffuse-model-test-" + std::to_string(::getpid()) + "-" + std::to_string(device()));
+    std::filesystem::create_directories(path_);
+  }
+  ~ScratchDir() {
+    ::nftw(
+        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 16,
+        FTW_DEPTH | FTW_PHYS);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// A CPU generator in the state torch.manual_seed(seed) puts Python's default generator in.
+inline torch::Generator cpu_generator(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
+
+/// Folder holding the golden files (ctest sets DIFFUSE_SOURCE_DIR; __FILE__ is the fallback).
+inline std::filesystem::path golden_dir() {
+  if (const char* root = std::getenv("DIFFUSE_SOURCE_DIR")) return std::filesystem::path(root) / "tests/model/golden";
+  return std::filesystem::absolute(std::filesystem::path(__FILE__)).parent_path() / "golden";
+}
+
+/// One golden safetensors file: its tensors by name and its "golden" metadata object.
+struct GoldenFile {
+  std::map<std::string, torch::Tensor> tensors;
+  std::vector<std::pair<std::string, torch::Tensor>> ordered;
+  model::json::Value meta;
+
+  const torch::Tensor& at(const std::string& key) const {
+    auto it = tensors.find(key);
+    if (it == tensors.end()) throw std::runtime_error("golden tensor '" + key + "' missing: rerun generate.py");
+    return it->second;
+  }
+  std::string str(const std::string& key) const {
+    const auto* v = meta.find(key);
+    if (!v) throw std::runtime_error("golden metadata '" + key + "' missing: rerun generate.py");
+    return v->as_string();
+  }
+};
+
+inline GoldenFile load_golden(const std::string& name) {
+  auto file = model::load_safetensors(golden_dir() / name);
+  GoldenFile g;
+  g.ordered = file.tensors;
+  for (auto& [k, v] : file.tensors) g.tensors.emplace(k, v);
+  g.meta = model::json::parse(file.metadata.at("golden"));
+  return g;
+}
+
+/// The cases file, loaded once per test binary.
+inline const GoldenFile& cases() {
+  static const GoldenFile g = load_golden("cases.safetensors");
+  return g;
+}
+
+/// The reference Unet `name` ("a", "b", ...) with its golden weights, in eval mode.
+inline model::Unet golden_unet(const std::string& name) {
+  auto file = load_golden("unet_" + name + ".safetensors");
+  model::Unet unet(model::UnetOptions::from_json(file.str("unet_options")));
+  model::load_state_dict(*unet, file.ordered);
+  unet->eval();
+  return unet;
+}
+
+/// A diffusion for golden case `c`: its Unet and its options from the cases metadata.
+inline model::GaussianDiffusion golden_diffusion(const std::string& c) {
+  const auto& g = cases();
+  auto options = model::DiffusionOptions::from_json(g.str(c + ".diffusion"));
+  model::GaussianDiffusion diffusion(golden_unet(g.str(c + ".unet")), options);
+  diffusion->eval();
+  return diffusion;
+}
+
+/// Largest |a - b| divided by max(|b|) (what "1e-5 of the output scale" means).
+inline double relative_max_error(const torch::Tensor& a, const torch::Tensor& b) {
+  auto da = a.to(torch::kFloat64), db = b.to(torch::kFloat64);
+  return (da - db).abs().max().item<double>() / std::max(db.abs().max().item<double>(), 1e-30);
+}
+
+/// A small U-Net for fast tests: dim 8, one or two stages, small attention.
+inline model::UnetOptions tiny_unet_options(int64_t channels = 3, std::vector<int64_t> mults = {1, 2}) {
+  model::UnetOptions o;
+  o.dim = 8;
+  o.dim_mults = std::move(mults);
+  o.channels = channels;
+  o.attn_heads = {2};
+  o.attn_dim_head = {8};
+  return o;
+}
+
+/// Whether `fn` throws an exception whose message contains every one of `needles`.
+template <typename Fn>
+::testing::AssertionResult throws_with(Fn&& fn, const std::vector<std::string>& needles) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    for (const auto& n : needles) {
+      if (what.find(n) == std::string::npos) {
+        return ::testing::AssertionFailure() << "message lacks '" << n << "': " << what;
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure() << "no exception thrown";
+}
+
+}  // namespace diffuse::testing
