@@ -35,13 +35,14 @@ fi
 [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || die "-n expects a positive number of ranks, got '$ranks'"
 [ -x "$DIFFUSE_EXE" ] || die "$DIFFUSE_EXE not found: run launch/setup.sh first"
 
+cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which answers OMP_NUM_THREADS when that is set
 flags=(-np "$ranks" --bind-to none --map-by slot)
 [ -n "$hostfile" ] && flags+=(--hostfile "$hostfile")
 [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
 # Outside an allocation or hostfile the slots are this node's cores; a CPU run with more ranks
 # than cores (tests, small boxes) needs oversubscription.
-[ "$ranks" -gt "$(diffuse_jobs)" ] && [ -z "$hostfile" ] && [ -z "${SLURM_JOB_ID:-}" ] && flags+=(--oversubscribe)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(diffuse_jobs) / ranks > 0 ? $(diffuse_jobs) / ranks : 1 ))}"
+[ "$ranks" -gt "$cores" ] && [ -z "$hostfile" ] && [ -z "${SLURM_JOB_ID:-}" ] && flags+=(--oversubscribe)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / ranks > 0 ? cores / ranks : 1 ))}"
 for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS CUDA_VISIBLE_DEVICES \
          $(compgen -e | grep -E '^(NCCL_|DIFFUSE_|TORCH_)' || true); do
   [ -n "${!v:-}" ] && flags+=(-x "$v")

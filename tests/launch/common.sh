@@ -15,18 +15,24 @@ T0=$(date +%s.%N)
 # Seconds since a now() value, one decimal (awk: bc is not on every machine).
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 note() { printf '[%6ss] %s\n' "$(elapsed "$T0")" "$*"; }
-fail() { note "FAIL: $*"; exit 1; }
+# fail MESSAGE: ends the test; a script may define on_failure (e.g. to print daemon logs).
+fail() {
+  note "FAIL: $*"
+  declare -F on_failure >/dev/null && on_failure
+  exit 1
+}
 skip() { note "SKIP: $*"; exit "$SKIP"; }
 now() { date +%s.%N; }
 
-# A fresh work folder, removed at exit (cleanup hooks run first, in order of registration).
+# A fresh work folder, removed at exit (cleanup hooks run first, in order of registration);
+# DIFFUSE_LAUNCH_KEEP=1 keeps it for a post-mortem.
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/diffuse-launch-XXXXXX")"
 _cleanups=()
 on_exit() { _cleanups+=("$1"); }
 _run_cleanups() {
   local status=$? c
   for c in "${_cleanups[@]}"; do eval "$c" || true; done
-  rm -rf "$WORK"
+  if [ "${DIFFUSE_LAUNCH_KEEP:-0}" = 1 ]; then note "kept $WORK"; else rm -rf "$WORK"; fi
   exit "$status"
 }
 trap _run_cleanups EXIT
@@ -40,7 +46,7 @@ mpirun_n() {
 # The tiny synthetic dataset every scenario trains on (96 shapes, 16x16).
 make_dataset() {
   DATA="$WORK/shapes16.h5"
-  "$EXE" prep --synthetic shapes --count 96 --size 16 --out "$DATA" >"$WORK/prep.log" 2>&1 \
+  "$EXE" prep --synthetic shapes --count 96 --size 16 -o "$DATA" >"$WORK/prep.log" 2>&1 \
     || { cat "$WORK/prep.log"; fail "diffuse prep failed"; }
 }
 
@@ -57,6 +63,16 @@ latest_step() {
   target="$(readlink "$1/checkpoints/latest" 2>/dev/null)" || { echo -1; return; }
   [[ "$target" =~ step-0*([0-9]+)$ ]] && echo "$((10#${BASH_REMATCH[1]:-0}))" || echo -1
 }
+
+# Epoch seconds of the first log line matching REGEX in FILE (spdlog's "[YYYY-MM-DD HH:MM:SS.mmm]").
+log_time() {
+  local stamp
+  stamp="$(grep -m1 -E -- "$2" "$1" | grep -oE '^\[[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]+\]' | tr -d '[]')"
+  [ -n "$stamp" ] && date -d "$stamp" +%s.%N
+}
+
+# Epoch seconds of a file's last modification.
+mtime() { stat -c %.3Y "$1"; }
 
 # wait_until SECONDS COMMAND...: polls COMMAND every 0.2 s; fails when it never succeeds.
 wait_until() {

@@ -7,12 +7,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 mpirun_sh="$SRC/launch/mpirun.sh"
 export DIFFUSE_BUILD_DIR="${DIFFUSE_BUILD_DIR:-$(dirname "$(dirname "$EXE")")}"
-ranks=$(( $(nproc) + 1 ))  # more ranks than cores: the wrapper must oversubscribe
+cores=$(getconf _NPROCESSORS_ONLN)
+ranks=$(( cores + 1 ))  # more ranks than cores: the wrapper must oversubscribe
 
 DIFFUSE_LAUNCH_PROBE=passed-through bash "$mpirun_sh" -n "$ranks" -- doctor >"$WORK/doctor.out" 2>&1 \
   || { cat "$WORK/doctor.out"; fail "launch/mpirun.sh -n $ranks -- doctor"; }
 expect_in "$WORK/doctor.out" "^\+ mpirun -np $ranks " "the printed mpirun command"
-expect_in "$WORK/doctor.out" "--oversubscribe" "oversubscription for $ranks ranks on $(nproc) cores"
+expect_in "$WORK/doctor.out" "--oversubscribe" "oversubscription for $ranks ranks on $cores cores"
 expect_in "$WORK/doctor.out" "-x DIFFUSE_LAUNCH_PROBE" "DIFFUSE_* variables passed to the ranks"
 if [ "$(id -u)" -eq 0 ]; then
   expect_in "$WORK/doctor.out" "--allow-run-as-root" "the root flag (running as root)"

@@ -7,7 +7,7 @@
 #
 # Everything lives in DIR: its own munge key and socket (AuthInfo=socket=...), slurm.conf, state,
 # spool and logs; the daemons listen on free loopback ports, so the cluster disturbs nothing on the
-# machine and several can run at once. The node is this host (its name, nproc CPUs); one partition
+# machine and several can run at once. The node is this host (its name, all its CPUs); one partition
 # "test". Settings that work without cgroups and as root: proctrack/linuxproc, task/none,
 # SlurmUser=root. Needs Debian's slurmctld slurmd slurm-client munge (launch/setup.sh --with-slurm).
 
@@ -71,7 +71,7 @@ slurm_cluster_start() {
   ctld_port="$(_slurm_free_port)"
   slurmd_port="$(_slurm_free_port)"
   while [ "$slurmd_port" = "$ctld_port" ]; do slurmd_port="$(_slurm_free_port)"; done
-  cpus="$(nproc)"
+  cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it answers OMP_NUM_THREADS when that is set
   memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
   cat >"$d/slurm.conf" <<EOF
 # A one-node test cluster made by tests/launch/slurm_cluster.sh.
@@ -81,11 +81,14 @@ SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$d/munge/munge.socket
+# cred_expire: how long a requeued job waits before it may start again (default 120 s). Starting
+# it earlier (scontrol update StartTime=now) races the revoked credential of its previous run on
+# the node: "Killing non-startable batch job: Job credential revoked".
+AuthInfo=socket=$d/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$d/state
-SlurmdSpoolDir=$d/spool/%n
+SlurmdSpoolDir=$d/spool
 SlurmctldPidFile=$d/run/slurmctld.pid
 SlurmdPidFile=$d/run/slurmd.pid
 SlurmctldLogFile=$d/log/slurmctld.log
@@ -99,6 +102,9 @@ AccountingStorageType=accounting_storage/none
 SwitchType=switch/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# A requeued job becomes eligible at its BeginTime but starts at the next pass of the main loop
+# (every 60 s by default).
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
