@@ -9,6 +9,7 @@
 #     and EMA weights, byte for byte, as an uninterrupted `mpirun -np 2` run. Once with the ranks
 #     started by srun --mpi=pmix, once by mpirun inside the allocation (LAUNCHER=mpirun).
 #     Then sample.sbatch samples from the result on 2 ranks.
+#     `scancel` (SIGTERM): the script forwards it, the ranks checkpoint, the job is not requeued.
 #  3. A rank killed (SIGKILL) inside the job: srun --kill-on-bad-exit ends the other rank, the
 #     job fails (no requeue) within 60 s, and the log names the task.
 #
@@ -119,6 +120,29 @@ expect_in "$WORK/sample-job.out" "^0: .*wrote .*samples.h5 \(images: uint8 \[5, 
   "rank 0's report of 5 images written"
 note "sample.sbatch: 5 images from the preempted run's checkpoint on 2 ranks"
 
+# --- scancel: SIGTERM, the ranks checkpoint, the job stays cancelled -------------------------------
+run="$WORK/cancelled"
+job=$(submit "$run" --set "data.path=$WORK/shapes16.h5" --set train.steps=100000 --set log.every=1 \
+  --set checkpoint.every=100000) || fail "sbatch refused the job"
+log="$WORK/slurm-$job.out"
+wait_until 90 has_metrics "$run" || { cat "$log"; fail "job $job: training did not start in 90 s"; }
+scancel "$job" || fail "scancel $job"
+cancelled=$(now)
+job_ended() { [[ "$(job_field "$job" JobState)" =~ ^(FAILED|CANCELLED|COMPLETED|NODE_FAIL)$ ]]; }
+wait_until 60 job_ended || { scontrol show job "$job"; cat "$log"; fail "job $job still $(job_field "$job" JobState) 60 s after scancel"; }
+cancel_seconds=$(elapsed "$cancelled")
+[ "$(job_field "$job" JobState)" = CANCELLED ] || fail "job $job ended $(job_field "$job" JobState), expected CANCELLED"
+sleep 3  # a requeue, if the script wrongly made one, shows within the scheduler's 2 s pass
+[ "$(job_field "$job" Restarts)" = 0 ] && [ "$(job_field "$job" JobState)" = CANCELLED ] \
+  || fail "a cancelled job must stay cancelled (state $(job_field "$job" JobState), Restarts=$(job_field "$job" Restarts))"
+expect_in "$log" "TERM: asking the ranks to checkpoint" "the script forwarding SIGTERM"
+expect_in "$log" "stop signal received: checkpointed step [0-9]+" "the ranks' checkpoint on SIGTERM"
+stopped_at=$(grep -oE "checkpointed step [0-9]+" "$log" | tail -n 1 | grep -oE "[0-9]+$")
+[ "$(latest_step "$run")" -eq "$stopped_at" ] || fail "latest is step $(latest_step "$run"), expected $stopped_at"
+note "scancel: job $job checkpointed step $stopped_at and ended CANCELLED (not requeued) in ${cancel_seconds}s"
+table_row "scancel (SIGTERM to the job): checkpoint, no requeue (Slurm, srun)" 2 "$cancel_seconds s" \
+  "0 steps (checkpointed step $stopped_at)"
+
 # --- 3. a rank killed inside the job ---------------------------------------------------------------
 run="$WORK/killed"
 job=$(submit "$run" --set "data.path=$WORK/shapes16.h5" --set train.steps=100000 --set log.every=1 \
@@ -133,7 +157,6 @@ kill -KILL "$victim"
 killed=$(now)
 last=$(last_logged_step "$run")
 note "SIGKILL to rank 1 (pid $victim) of job $job at step $last"
-job_ended() { [[ "$(job_field "$job" JobState)" =~ ^(FAILED|CANCELLED|COMPLETED|NODE_FAIL)$ ]]; }
 wait_until 60 job_ended || { scontrol show job "$job"; cat "$log"; fail "job $job still $(job_field "$job" JobState) 60 s after a rank was killed"; }
 exit_seconds=$(elapsed "$killed")
 [ "$(job_field "$job" JobState)" = FAILED ] || fail "job $job ended $(job_field "$job" JobState), expected FAILED"
