@@ -36,6 +36,8 @@ _run_cleanups() {
   exit "$status"
 }
 trap _run_cleanups EXIT
+trap 'exit 143' TERM  # ctest's timeout: clean up too
+trap 'exit 130' INT
 
 # mpirun with the flags these shared 2-core machines need (what tests/support.h's mpirun() adds).
 mpirun_n() {

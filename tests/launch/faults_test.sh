@@ -34,8 +34,16 @@ train_bg() {
     --run-dir "$run" --set "data.path=$DATA" --set log.every=1 --set "checkpoint.every=$EVERY" "$@" \
     >"$log" 2>&1 &
   LAUNCHER_PID=$!
-  on_exit "kill -KILL $LAUNCHER_PID 2>/dev/null"
 }
+
+# At exit, whatever a failed scenario left running: the ranks (every diffuse process whose command
+# line names a run in WORK: only ours) and the launchers that are still this shell's jobs.
+stop_leftovers() {
+  local rank pid
+  while read -r rank pid; do [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null; done < <(rank_pids "$WORK/")
+  for pid in $(jobs -p); do kill -KILL "$pid" 2>/dev/null; done
+}
+on_exit stop_leftovers
 
 # Running (a zombie, exited but not reaped, is not).
 alive() {

@@ -35,6 +35,8 @@ _slurm_fail() {
 slurm_cluster_start() {
   SLURM_CLUSTER_DIR="$(mkdir -p "$1" && cd "$1" && pwd)"
   local d="$SLURM_CLUSTER_DIR" tool
+  # The daemons live in sbin, which a non-login PATH may lack.
+  case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
   for tool in munged slurmctld slurmd sbatch srun scontrol squeue python3; do
     command -v "$tool" >/dev/null 2>&1 || {
       SLURM_CLUSTER_ERROR="'$tool' not found: install Slurm with launch/setup.sh --with-slurm"
