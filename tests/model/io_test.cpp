@@ -206,6 +206,7 @@ TEST(Safetensors, RejectsEveryMalformedFile) {
   std::ofstream(tiny, std::ios::binary) << "abc";
   EXPECT_TRUE(throws_with([&] { model::load_safetensors(tiny); }, {"3 bytes", "shorter than the 8-byte"}));
   EXPECT_TRUE(throws_with([&] { model::load_safetensors(dir / "none.safetensors"); }, {"none.safetensors", "cannot open"}));
+  EXPECT_TRUE(throws_with([&] { model::load_safetensors(dir.path()); }, {"not a regular file"}));
 }
 
 // ---------------------------------------------------------------------------------------------
