@@ -114,8 +114,8 @@ torch::Device select_device(const Context& ctx, bool want_cuda);
 struct LocalGpuView {
   int local_rank = 0;
   int local_world_size = 1;
-  int visible_gpus = 0;                     ///< devices this rank's CUDA runtime reports
-  std::vector<std::string> visible_masks;   ///< CUDA_VISIBLE_DEVICES of each local rank ("" = unset)
+  int visible_gpus = 0;                    ///< devices this rank's CUDA runtime reports
+  std::vector<std::string> visible_masks;  ///< CUDA_VISIBLE_DEVICES of each local rank ("" = unset)
   std::string hostname;
   int world_rank = 0;
 };
