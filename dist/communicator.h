@@ -8,7 +8,8 @@
 //   ...; work->wait();                                            // throws on error or timeout
 //
 // Every rank must issue the same collectives in the same order (as with MPI and NCCL
-// themselves). A collective that does not complete within CommunicatorOptions::timeout throws
+// themselves). Calls from several threads are safe but their order is then the caller's to fix
+// (the gradient reducer issues everything under its own lock). A collective that does not complete within CommunicatorOptions::timeout throws
 // a message naming the operation, its size and the rank, and leaves the communicator unusable:
 // the caller lets the exception reach main(), which aborts the job.
 #pragma once
