@@ -64,6 +64,14 @@ struct LoaderState {
   int64_t samples_seen = 0;  ///< global, all epochs
 };
 
+/// Where a loader's time went, summed over its lifetime (seconds).
+struct LoaderStats {
+  int64_t batches = 0;         ///< batches next() returned
+  double wait_seconds = 0;     ///< next() blocked waiting for a batch: the loader's cost to training
+  double read_seconds = 0;     ///< the I/O thread reading from the file (HDF5)
+  double convert_seconds = 0;  ///< worker threads reordering, flipping, converting to float
+};
+
 /// One batch of this rank.
 struct Batch {
   torch::Tensor images;   ///< [B, C, H, W] float32 in [-1, 1], on options.device
@@ -98,6 +106,8 @@ class Loader {
   const LoaderOptions& options() const;
   /// Seconds next() spent waiting for batches in total: the loader's cost to training.
   double wait_seconds_total() const;
+  /// Batches delivered and the time spent waiting, reading and converting.
+  LoaderStats stats() const;
 
  private:
   struct Impl;
