@@ -1,7 +1,7 @@
 // loader_bench: how fast the loader delivers batches from a warm (page-cached) dataset file,
 // beside the raw read rate of the same file (`cat file > /dev/null`), so its overhead is a ratio.
 //
-//   build/bin/loader_bench                          # 32x32x3 and 128x128x3, 1 and 2 worker threads
+//   build/bin/loader_bench                          # 32x32x3 and 128x128x3; 0, 1 and 2 worker threads
 //   build/bin/loader_bench --megabytes 512 --seconds 5 --batch 128 --side 128 --dir /scratch
 //
 // Each file holds about --megabytes of uint8 pixels (random, so nothing is unusually cheap).
@@ -128,7 +128,8 @@ int main(int argc, char** argv) {
     const fs::path path = args.dir / ("loader_bench_" + std::to_string(side) + ".h5");
     make_dataset(path, count, side);
     const double raw = cat_rate(path);
-    for (int threads : {1, 2}) {
+    // 0: the I/O thread also converts, the whole loader on one core.
+    for (int threads : {0, 1, 2}) {
       LoaderRate rate = loader_rate(path, args.batch, threads, args.seconds);
       const double megabytes = rate.images_per_second * image_bytes / 1e6;
       std::printf("%-12s %9lld %10.0f | %7d %11.0f %9.0f %7.2fx %11.0f%% %9.1f %11.1f\n",
