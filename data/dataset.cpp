@@ -43,7 +43,7 @@ DatasetInfo read_dataset_info(const fs::path& path) {
   if (is_hdf5 == 0) {
     throw std::runtime_error(where + " is not an HDF5 file (make a dataset with `diffuse prep`)");
   }
-  Handle file(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + where));
+  Handle file = impl::open_read_only(path, where);
   Handle root(check_id(H5Gopen2(file.get(), "/", H5P_DEFAULT), "opening the root group of " + where));
   Handle images = impl::open_dataset_if_exists(file.get(), "images");
   if (!images.valid()) {
@@ -144,7 +144,7 @@ torch::Tensor read_labels(const fs::path& path) {
   if (!info.has_labels) throw std::runtime_error("dataset file " + quoted(path) + " has no labels");
   auto out = torch::empty({info.count}, torch::kInt64);
   impl::Hdf5Lock lock;
-  Handle file(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + quoted(path)));
+  Handle file = impl::open_read_only(path, "dataset file " + quoted(path));
   Handle labels(check_id(H5Dopen2(file.get(), "labels", H5P_DEFAULT), "opening 'labels' in " + quoted(path)));
   check(H5Dread(labels.get(), H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data_ptr<int64_t>()),
         "reading 'labels' of " + quoted(path));

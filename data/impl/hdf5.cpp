@@ -95,6 +95,14 @@ void Handle::reset() {
   }
 }
 
+Handle open_read_only(const std::filesystem::path& path, const std::string& where) {
+  Handle access(H5Pcreate(H5P_FILE_ACCESS));
+#if H5_VERSION_GE(1, 10, 7)
+  check(H5Pset_file_locking(access.get(), /*use_file_locking=*/1, /*ignore_when_disabled=*/1), where);
+#endif
+  return Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, access.get()), "opening " + where));
+}
+
 Handle open_dataset_if_exists(hid_t file, const std::string& name) {
   if (H5Lexists(file, name.c_str(), H5P_DEFAULT) <= 0) {
     H5Eclear2(H5E_DEFAULT);
@@ -284,7 +292,7 @@ std::vector<Run> coalesce_runs(const std::vector<int64_t>& sorted_indices) {
 ImageRows::ImageRows(const std::filesystem::path& path, bool chunk_cache) : path_(path) {
   Hdf5Lock lock;
   const std::string where = "dataset file '" + path.string() + "'";
-  file_ = Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + where));
+  file_ = open_read_only(path, where);
   Handle access(H5Pcreate(H5P_DATASET_ACCESS));
   if (!chunk_cache) check(H5Pset_chunk_cache(access.get(), 0, 0, 1.0), where);
   dataset_ = Handle(check_id(H5Dopen2(file_.get(), "images", access.get()), "opening 'images' in " + where));
