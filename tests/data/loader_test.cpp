@@ -474,6 +474,24 @@ TEST(Loader, WaitTimeCountsTimeBlockedInNext) {
   EXPECT_GE(loader.wait_seconds_total(), 0.06);
 }
 
+TEST(Loader, BatchesStayValidWhateverTheCallerKeeps) {
+  // Batch memory is recycled once dropped: batches held for long, in numbers beyond the pool,
+  // or past the loader's own life must keep their contents.
+  TempDir dir;
+  const int64_t h = 4, w = 4, c = 3;
+  auto path = write_fixture(dir / "f.h5", 64, h, w, c);
+  std::vector<std::pair<LoaderState, Batch>> kept;
+  {
+    auto options = options_for(path, 4, 0, 1, 6);
+    Loader loader(options);
+    for (int k = 0; k < 30; ++k) {
+      auto before = loader.state();
+      kept.emplace_back(before, loader.next());
+    }
+  }
+  for (const auto& [before, batch] : kept) expect_batch_images(batch, before, 0, 1, h, w, c, true);
+}
+
 TEST(Loader, RejectsAStateThatDoesNotFitTheDataset) {
   TempDir dir;
   auto path = write_fixture(dir / "f.h5", 20, 2, 2, 1);
