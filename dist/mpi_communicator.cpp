@@ -216,6 +216,27 @@ struct Operation {
   bool finished = false;  // finish() has run
 };
 
+/// An operation on `tensor` (contiguous, on the host) started as one nonblocking call per chunk of
+/// at most kMaxChunk elements: `post(chunk, count, comm, request)` posts the call for one chunk.
+template <typename Post>
+std::shared_ptr<Operation> chunked_operation(const std::string& what, const torch::Tensor& tensor,
+                                             Post post) {
+  auto operation = std::make_shared<Operation>();
+  operation->description = describe(what, tensor);
+  operation->tensors = {tensor};
+  char* data = static_cast<char*>(tensor.data_ptr());
+  const int64_t numel = tensor.numel();
+  const int64_t element_size = static_cast<int64_t>(tensor.element_size());
+  operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
+    for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
+      const int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
+      requests.emplace_back(MPI_REQUEST_NULL);
+      post(data + offset * element_size, count, comm, &requests.back());
+    }
+  };
+  return operation;
+}
+
 class MpiEngine;
 
 class MpiWork final : public Work {
@@ -566,20 +587,11 @@ class MpiCommunicator final : public Communicator {
     check_host_tensor(tensor, what);
     check_contiguous(tensor, what);
     Reduction reduction = reduction_for(tensor.scalar_type(), op);
-    auto operation = std::make_shared<Operation>();
-    operation->description = describe(what, tensor);
-    operation->tensors = {tensor};
-    char* data = static_cast<char*>(tensor.data_ptr());
-    int64_t numel = tensor.numel();
-    int64_t element_size = static_cast<int64_t>(tensor.element_size());
-    operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
-      for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
-        int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
-        requests.emplace_back(MPI_REQUEST_NULL);
-        DIFFUSE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data + offset * element_size, count, reduction.type,
-                                         reduction.op, comm, &requests.back()));
-      }
+    auto post = [reduction](char* chunk, int count, MPI_Comm comm, MPI_Request* request) {
+      DIFFUSE_MPI_CHECK(
+          MPI_Iallreduce(MPI_IN_PLACE, chunk, count, reduction.type, reduction.op, comm, request));
     };
+    auto operation = chunked_operation(what, tensor, post);
     if (op == ReduceOp::kAverage && size() > 1) {
       int world = size();
       operation->finish = [tensor, world]() mutable {
@@ -603,20 +615,10 @@ class MpiCommunicator final : public Communicator {
                                   std::to_string(size() - 1));
     }
     MPI_Datatype type = transfer_type(tensor.scalar_type());
-    auto operation = std::make_shared<Operation>();
-    operation->description = describe(what, tensor);
-    operation->tensors = {tensor};
-    char* data = static_cast<char*>(tensor.data_ptr());
-    int64_t numel = tensor.numel();
-    int64_t element_size = static_cast<int64_t>(tensor.element_size());
-    operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
-      for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
-        int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
-        requests.emplace_back(MPI_REQUEST_NULL);
-        DIFFUSE_MPI_CHECK(
-            MPI_Ibcast(data + offset * element_size, count, type, root, comm, &requests.back()));
-      }
+    auto post = [type, root](char* chunk, int count, MPI_Comm comm, MPI_Request* request) {
+      DIFFUSE_MPI_CHECK(MPI_Ibcast(chunk, count, type, root, comm, request));
     };
+    auto operation = chunked_operation(what, tensor, post);
     engine_->submit(operation)->wait();
   }
 

@@ -19,15 +19,6 @@ namespace {
 using namespace diffuse::data;
 namespace fs = std::filesystem;
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
-}
-
 // The stored HDF5 type class and size of dataset `name`, and its string attribute `dtype`.
 struct StoredType {
   H5T_class_t type_class = H5T_NO_CLASS;

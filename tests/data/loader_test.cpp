@@ -39,12 +39,7 @@ std::vector<int64_t> as_vector(const torch::Tensor& t) {
 }
 
 std::string open_error(const LoaderOptions& options) {
-  try {
-    Loader loader(options);
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
+  return error_of([&] { Loader loader(options); });
 }
 
 // Checks a batch's images against the fixture: sample m is image indices[m], flipped exactly
