@@ -106,8 +106,10 @@ run "$bench" --config "$config" --set "train.device=$device" --steps "$steps" --
 # Largest batch: double from the config's until a step fails; only an out-of-memory failure ends
 # the search quietly, anything else is an error.
 largest=""
+limit="not searched"
 if [ "$search" = 1 ] && [ "$dry" = 0 ]; then
   batch="$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["batch_per_rank"]))' "$out/headline.json")"
+  limit="--max-batch $max_batch reached"
   while [ "$batch" -le "$max_batch" ]; do
     if "$bench" --config "$config" --set "train.device=$device" --set "train.batch_size=$batch" --steps 2 \
         --warmup 1 --skip-matmul --json "$out/batch-$batch.json" > "$out/batch-$batch.log" 2>&1; then
@@ -116,6 +118,7 @@ if [ "$search" = 1 ] && [ "$dry" = 0 ]; then
       batch=$((batch * 2))
     elif grep -qi "out of memory" "$out/batch-$batch.log"; then
       echo "batch $batch: out of memory"
+      limit="batch $batch: out of memory"
       break
     else
       echo "device-bench.sh: batch $batch failed for another reason than memory:" >&2
@@ -126,9 +129,9 @@ if [ "$search" = 1 ] && [ "$dry" = 0 ]; then
 fi
 
 if [ "$dry" = 0 ]; then
-  python3 - "$out" "$largest" <<'EOF'
+  python3 - "$out" "$largest" "$limit" <<'EOF'
 import glob, json, os, sys
-out, largest = sys.argv[1], sys.argv[2]
+out, largest, limit = sys.argv[1], sys.argv[2], sys.argv[3]
 h = json.load(open(os.path.join(out, "headline.json")))
 batches = {}
 for f in glob.glob(os.path.join(out, "batch-*.json")):
@@ -136,7 +139,7 @@ for f in glob.glob(os.path.join(out, "batch-*.json")):
     batches[int(b["batch_per_rank"])] = {"images_per_second": b["images_per_second"],
                                           "cuda_peak_allocated_bytes": b["cuda_peak_allocated_bytes"],
                                           "peak_rss_bytes": b["peak_rss_bytes"]}
-summary = {"headline": h, "largest_batch": int(largest) if largest else None,
+summary = {"headline": h, "largest_batch": int(largest) if largest else None, "search_ended": limit,
            "batches": {str(k): batches[k] for k in sorted(batches)}}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 peak = h["cuda_peak_allocated_bytes"]
@@ -145,6 +148,6 @@ print(f"{h['config']} on {h['device']} {h['precision']}, batch {int(h['batch_per
       f"{h['mfu_ceiling']} rate ({h['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s bf16, "
       f"{h['matmul_fp32_flops'] / 1e12:.1f} fp32), "
       + (f"CUDA allocator peak {peak / 2**30:.2f} GiB" if peak is not None else "no CUDA allocator")
-      + f"; largest batch that fits: {largest or 'not searched'}")
+      + f"; largest batch that fits: {largest or 'none'} ({limit})")
 EOF
 fi

@@ -277,9 +277,13 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
                 phase(&tr::StepProfile::data_wait), phase(&tr::StepProfile::forward),
                 phase(&tr::StepProfile::backward), phase(&tr::StepProfile::exposed_comm),
                 phase(&tr::StepProfile::optimizer), phase(&tr::StepProfile::ema), static_cast<long long>(a.steps));
-    std::printf("  %.1f images/s, %.2f GFLOP/s = %.1f%% of matmul %s (fp32 %.1f, bf16 %.1f GFLOP/s), peak RSS %.0f MiB\n",
-                images_per_second, step_flops / 1e9, 100 * step_flops / ceiling,
-                config.train.precision == "fp32" ? "fp32" : "bf16", fp32 / 1e9, bf16 / 1e9, peak_rss_bytes() / 1048576);
+    std::string versus = a.skip_matmul ? std::string("no matmul ceiling (--skip-matmul)")
+                                       : fmt::format("{:.1f}% of matmul {} (fp32 {:.1f}, bf16 {:.1f} GFLOP/s)",
+                                                     100 * step_flops / ceiling,
+                                                     config.train.precision == "fp32" ? "fp32" : "bf16", fp32 / 1e9,
+                                                     bf16 / 1e9);
+    std::printf("  %.1f images/s, %.2f GFLOP/s = %s, peak RSS %.0f MiB\n", images_per_second, step_flops / 1e9,
+                versus.c_str(), peak_rss_bytes() / 1048576);
     if (std::isfinite(cuda_peak)) std::printf("  CUDA allocator peak %.2f GiB\n", cuda_peak / (1 << 30));
     write_json(a.json, out);
   }
