@@ -2,8 +2,9 @@
 // machine's matmul FLOP/s measured in the same run; and checkpoint save/load rates.
 //
 //   build/bin/step_bench --config configs/demo.yaml --steps 5 --json demo.json
-//   build/bin/step_bench --config configs/reference-128.yaml --set train.batch_size=2 --set train.precision=fp32
-//   build/bin/step_bench --checkpoint /scratch/ckpt --config configs/reference-128.yaml --json ckpt.json
+//   build/bin/step_bench --config configs/reference-128.yaml --set train.batch_size=2 --set
+//   train.precision=fp32 build/bin/step_bench --checkpoint /scratch/ckpt --config configs/reference-128.yaml
+//   --json ckpt.json
 //
 // Step mode drives the real trainer (Trainer::profile_steps: the same set-up and train_step as
 // `diffuse train`, with a device sync between phases) on a synthetic dataset of random pixels of
@@ -15,14 +16,13 @@
 // Checkpoint mode saves the trainer's checkpoint state for the config's U-Net (weights, AdamW
 // moments, one EMA shadow per decay; the shapes the trainer saves) with CheckpointStore, then, after
 // dropping the page cache when it may (root), loads it back; rates in GB/s of the bytes written.
+#include <fmt/format.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include <fmt/format.h>
-
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -65,7 +65,8 @@ struct Args {
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << (problem.empty() ? "" : "step_bench: " + problem + "\n")
-            << "usage: step_bench --config FILE [--set section.key=value]... [--steps 5] [--warmup 2] [--threads N]\n"
+            << "usage: step_bench --config FILE [--set section.key=value]... [--steps 5] [--warmup 2] "
+               "[--threads N]\n"
                "                  [--data FILE.h5] [--matmul-size N] [--matmul-seconds S] [--skip-matmul]\n"
                "                  [--checkpoint DIR] [--json FILE]\n";
   std::exit(problem.empty() ? 0 : 2);
@@ -79,26 +80,41 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) usage(flag + " needs a value");
       return argv[++i];
     };
-    if (flag == "--config") a.config = value();
-    else if (flag == "--set") a.overrides.push_back(value());
-    else if (flag == "--data") a.data = value();
-    else if (flag == "--checkpoint") a.checkpoint = value();
-    else if (flag == "--json") a.json = value();
-    else if (flag == "--steps") a.steps = std::stoll(value());
-    else if (flag == "--warmup") a.warmup = std::stoll(value());
-    else if (flag == "--threads") a.threads = std::stoll(value());
-    else if (flag == "--matmul-size") a.matmul_size = std::stoll(value());
-    else if (flag == "--matmul-seconds") a.matmul_seconds = std::stod(value());
-    else if (flag == "--skip-matmul") a.skip_matmul = true;
-    else if (flag == "--help" || flag == "-h") usage("");
-    else usage("unknown flag " + flag);
+    if (flag == "--config")
+      a.config = value();
+    else if (flag == "--set")
+      a.overrides.push_back(value());
+    else if (flag == "--data")
+      a.data = value();
+    else if (flag == "--checkpoint")
+      a.checkpoint = value();
+    else if (flag == "--json")
+      a.json = value();
+    else if (flag == "--steps")
+      a.steps = std::stoll(value());
+    else if (flag == "--warmup")
+      a.warmup = std::stoll(value());
+    else if (flag == "--threads")
+      a.threads = std::stoll(value());
+    else if (flag == "--matmul-size")
+      a.matmul_size = std::stoll(value());
+    else if (flag == "--matmul-seconds")
+      a.matmul_seconds = std::stod(value());
+    else if (flag == "--skip-matmul")
+      a.skip_matmul = true;
+    else if (flag == "--help" || flag == "-h")
+      usage("");
+    else
+      usage("unknown flag " + flag);
   }
   if (a.config.empty()) usage("--config is required");
   if (a.steps < 1 || a.warmup < 0) usage("--steps must be >= 1 and --warmup >= 0");
   return a;
 }
 
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
 
 void sync(const torch::Device& device) {
 #if DIFFUSE_WITH_CUDA
@@ -146,7 +162,9 @@ class JsonObject {
   void text(const std::string& key, const std::string& value) {
     fields_.push_back("\"" + key + "\": \"" + tr::json_escape(value) + "\"");
   }
-  void object(const std::string& key, const JsonObject& value) { fields_.push_back("\"" + key + "\": " + value.str()); }
+  void object(const std::string& key, const JsonObject& value) {
+    fields_.push_back("\"" + key + "\": " + value.str());
+  }
   std::string str() const {
     std::string out = "{";
     for (size_t i = 0; i < fields_.size(); ++i) out += (i ? ", " : "") + fields_[i];
@@ -190,7 +208,8 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
   } else {
     config.apply_override("data.path=" + a.data.string());
   }
-  bool want_cuda = config.train.device == "cuda" || (config.train.device == "auto" && torch::cuda::is_available());
+  bool want_cuda =
+      config.train.device == "cuda" || (config.train.device == "auto" && torch::cuda::is_available());
   torch::Device device = want_cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
 
   JsonObject out;
@@ -218,10 +237,12 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
 #endif
   auto unet = tr::unet_options(config.model);
   int64_t images_per_step = config.train.batch_size * config.train.accumulate;
-  double forward_flops = static_cast<double>(diffuse::model::unet_forward_flops(unet, config.data.image_size, 1));
+  double forward_flops =
+      static_cast<double>(diffuse::model::unet_forward_flops(unet, config.data.image_size, 1));
   std::vector<tr::StepProfile> profiles;
   {
-    tr::Trainer trainer(ctx, config, tr::RunOptions{.run_dir = tmp / fmt::format("step_bench_run_{}", ::getpid())});
+    tr::Trainer trainer(ctx, config,
+                        tr::RunOptions{.run_dir = tmp / fmt::format("step_bench_run_{}", ::getpid())});
     profiles = trainer.profile_steps(a.warmup + a.steps);
   }
   if (!synthetic.empty()) fs::remove(synthetic);
@@ -271,19 +292,21 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
   if (ctx.is_root()) {
     std::printf("%s: %s %s, batch %lld/rank x %d rank(s), %dx%d, %d threads\n", config.name.c_str(),
                 device.str().c_str(), config.train.precision.c_str(), static_cast<long long>(images_per_step),
-                ctx.world_size(), static_cast<int>(config.data.image_size), static_cast<int>(config.data.image_size),
-                torch::get_num_threads());
-    std::printf("  step %.4fs: data %.4f fwd %.4f bwd %.4f comm %.4f optim %.4f ema %.4f (median of %lld)\n", total,
-                phase(&tr::StepProfile::data_wait), phase(&tr::StepProfile::forward),
+                ctx.world_size(), static_cast<int>(config.data.image_size),
+                static_cast<int>(config.data.image_size), torch::get_num_threads());
+    std::printf("  step %.4fs: data %.4f fwd %.4f bwd %.4f comm %.4f optim %.4f ema %.4f (median of %lld)\n",
+                total, phase(&tr::StepProfile::data_wait), phase(&tr::StepProfile::forward),
                 phase(&tr::StepProfile::backward), phase(&tr::StepProfile::exposed_comm),
-                phase(&tr::StepProfile::optimizer), phase(&tr::StepProfile::ema), static_cast<long long>(a.steps));
-    std::string versus = a.skip_matmul ? std::string("no matmul ceiling (--skip-matmul)")
-                                       : fmt::format("{:.1f}% of matmul {} (fp32 {:.1f}, bf16 {:.1f} GFLOP/s)",
-                                                     100 * step_flops / ceiling,
-                                                     config.train.precision == "fp32" ? "fp32" : "bf16", fp32 / 1e9,
-                                                     bf16 / 1e9);
-    std::printf("  %.1f images/s, %.2f GFLOP/s = %s, peak RSS %.0f MiB\n", images_per_second, step_flops / 1e9,
-                versus.c_str(), peak_rss_bytes() / 1048576);
+                phase(&tr::StepProfile::optimizer), phase(&tr::StepProfile::ema),
+                static_cast<long long>(a.steps));
+    std::string versus =
+        a.skip_matmul
+            ? std::string("no matmul ceiling (--skip-matmul)")
+            : fmt::format("{:.1f}% of matmul {} (fp32 {:.1f}, bf16 {:.1f} GFLOP/s)",
+                          100 * step_flops / ceiling, config.train.precision == "fp32" ? "fp32" : "bf16",
+                          fp32 / 1e9, bf16 / 1e9);
+    std::printf("  %.1f images/s, %.2f GFLOP/s = %s, peak RSS %.0f MiB\n", images_per_second,
+                step_flops / 1e9, versus.c_str(), peak_rss_bytes() / 1048576);
     if (std::isfinite(cuda_peak)) std::printf("  CUDA allocator peak %.2f GiB\n", cuda_peak / (1 << 30));
     write_json(a.json, out);
   }
@@ -318,7 +341,8 @@ int run_checkpoint(const diffuse::dist::Context& ctx, const Args& a) {
   for (size_t i = 0; i < config.ema.decay.size(); ++i) add_all(fmt::format("ema.{}.", i), true);
   contents.config_yaml = config.to_yaml();
   int64_t tensor_bytes = 0;
-  for (const auto& [name, tensor] : contents.replicated) tensor_bytes += tensor.numel() * tensor.element_size();
+  for (const auto& [name, tensor] : contents.replicated)
+    tensor_bytes += tensor.numel() * tensor.element_size();
 
   fs::remove_all(a.checkpoint);
   tr::CheckpointStore store(a.checkpoint, ctx, tr::RetentionPolicy{.keep_last = 1});
@@ -330,7 +354,8 @@ int run_checkpoint(const diffuse::dist::Context& ctx, const Args& a) {
   start = Clock::now();
   auto loaded = store.load("latest");
   double load_seconds = seconds_since(start);
-  if (!loaded) throw std::runtime_error("checkpoint saved in " + a.checkpoint.string() + " did not load back");
+  if (!loaded)
+    throw std::runtime_error("checkpoint saved in " + a.checkpoint.string() + " did not load back");
   fs::remove_all(a.checkpoint);
 
   double bytes = static_cast<double>(saved.bytes);
@@ -346,9 +371,10 @@ int run_checkpoint(const diffuse::dist::Context& ctx, const Args& a) {
   out.number("load_bytes_per_second", bytes / load_seconds);
   out.text("load_cache", dropped ? "dropped (disk read)" : "not dropped (page-cache read)");
   if (ctx.is_root()) {
-    std::printf("checkpoint of %s state: %.1f MB; save %.2fs (%.2f GB/s), load %.2fs (%.2f GB/s, page cache %s)\n",
-                config.name.c_str(), bytes / 1e6, save_seconds, bytes / save_seconds / 1e9, load_seconds,
-                bytes / load_seconds / 1e9, dropped ? "dropped" : "NOT dropped");
+    std::printf(
+        "checkpoint of %s state: %.1f MB; save %.2fs (%.2f GB/s), load %.2fs (%.2f GB/s, page cache %s)\n",
+        config.name.c_str(), bytes / 1e6, save_seconds, bytes / save_seconds / 1e9, load_seconds,
+        bytes / load_seconds / 1e9, dropped ? "dropped" : "NOT dropped");
     write_json(a.json, out);
   }
   return 0;
@@ -360,7 +386,8 @@ int main(int argc, char** argv) {
   auto ctx = diffuse::dist::Context::init(&argc, &argv);
   try {
     Args a = parse(argc, argv);
-    int threads = a.threads > 0 ? static_cast<int>(a.threads) : static_cast<int>(std::thread::hardware_concurrency());
+    int threads =
+        a.threads > 0 ? static_cast<int>(a.threads) : static_cast<int>(std::thread::hardware_concurrency());
     torch::set_num_threads(std::max(threads, 1));
     return a.checkpoint.empty() ? run_step(ctx, a) : run_checkpoint(ctx, a);
   } catch (const std::exception& error) {
