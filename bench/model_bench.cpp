@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@ namespace {
 struct Args {
   int64_t dim = 64, size = 64, batch = 4, iters = 10, warmup = 2, threads = 0;
   std::string device = "cpu";
+  std::string json;  ///< also write the figures to this JSON file
 };
 
 Args parse(int argc, char** argv) {
@@ -43,9 +45,10 @@ Args parse(int argc, char** argv) {
     else if (flag == "--warmup") a.warmup = std::stoll(value());
     else if (flag == "--threads") a.threads = std::stoll(value());
     else if (flag == "--device") a.device = value();
+    else if (flag == "--json") a.json = value();
     else if (flag == "--help" || flag == "-h") {
       std::cout << "model_bench [--dim 64] [--size 64] [--batch 4] [--iters 10] [--warmup 2] [--threads N] "
-                   "[--device cpu|cuda]\n";
+                   "[--device cpu|cuda] [--json FILE]\n";
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown flag " + flag + " (see --help)");
@@ -126,6 +129,19 @@ int main(int argc, char** argv) {
     row("forward (no grad)", forward, flops);
     row("forward + backward", forward_backward, 3 * flops);
     row("diffusion training step (f + b)", train_step, 3 * flops);
+    if (!a.json.empty()) {
+      std::ofstream out(a.json);
+      auto rate = [&](const Timing& tm, double work) { return std::to_string(work / (tm.median_ms * 1e-3)); };
+      out << "{\"program\": \"model_bench\", \"dim\": " << a.dim << ", \"image_size\": " << a.size
+          << ", \"batch\": " << a.batch << ", \"threads\": " << torch::get_num_threads()
+          << ", \"forward_flops\": " << std::to_string(flops) << ", \"forward_ms\": " << forward.median_ms
+          << ", \"forward_flops_per_second\": " << rate(forward, flops)
+          << ", \"forward_backward_ms\": " << forward_backward.median_ms
+          << ", \"forward_backward_flops_per_second\": " << rate(forward_backward, 3 * flops)
+          << ", \"train_step_ms\": " << train_step.median_ms
+          << ", \"train_step_flops_per_second\": " << rate(train_step, 3 * flops) << "}\n";
+      if (!out) throw std::runtime_error("cannot write " + a.json);
+    }
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "model_bench: " << e.what() << "\n";

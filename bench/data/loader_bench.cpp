@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -31,11 +32,12 @@ struct Arguments {
   int64_t batch = 64;
   std::vector<int64_t> sides = {32, 128};
   bool keep = false;
+  fs::path json;  // also write the figures to this JSON file
 };
 
 [[noreturn]] void usage(const char* problem) {
   std::fprintf(stderr,
-               "%s\nusage: loader_bench [--dir DIR] [--megabytes MB] [--seconds S] [--batch B] [--side PIXELS] [--keep]\n", problem);
+               "%s\nusage: loader_bench [--dir DIR] [--megabytes MB] [--seconds S] [--batch B] [--side PIXELS] [--keep] [--json FILE]\n", problem);
   std::exit(2);
 }
 
@@ -53,6 +55,7 @@ Arguments parse(int argc, char** argv) {
     else if (key == "--batch") a.batch = std::stoll(value());
     else if (key == "--side") a.sides = {std::stoll(value())};
     else if (key == "--keep") a.keep = true;
+    else if (key == "--json") a.json = value();
     else usage(("unknown option " + key).c_str());
   }
   return a;
@@ -122,6 +125,7 @@ int main(int argc, char** argv) {
               args.dir.c_str());
   std::printf("%-12s %9s %10s | %7s %11s %9s %8s %12s %9s %11s\n", "images", "count", "cat MB/s", "threads",
               "images/s", "MB/s", "vs cat", "next() wait", "read us", "convert us");
+  std::string rows;
   for (int64_t side : args.sides) {
     const int64_t image_bytes = side * side * 3;
     const int64_t count = std::max<int64_t>(args.batch * 4, static_cast<int64_t>(args.megabytes * 1e6 / image_bytes));
@@ -136,8 +140,20 @@ int main(int argc, char** argv) {
                   (std::to_string(side) + "x" + std::to_string(side) + "x3").c_str(), static_cast<long long>(count),
                   raw / 1e6, threads, rate.images_per_second, megabytes, megabytes / (raw / 1e6),
                   100 * rate.wait_fraction, rate.read_us, rate.convert_us);
+      rows += std::string(rows.empty() ? "" : ", ") + "{\"side\": " + std::to_string(side) +
+              ", \"threads\": " + std::to_string(threads) + ", \"images_per_second\": " +
+              std::to_string(rate.images_per_second) + ", \"bytes_per_second\": " + std::to_string(megabytes * 1e6) +
+              ", \"cat_bytes_per_second\": " + std::to_string(raw) + "}";
     }
     if (!args.keep) fs::remove(path);
+  }
+  if (!args.json.empty()) {
+    std::ofstream out(args.json);
+    out << "{\"program\": \"loader_bench\", \"batch\": " << args.batch << ", \"rows\": [" << rows << "]}\n";
+    if (!out) {
+      std::fprintf(stderr, "cannot write %s\n", args.json.c_str());
+      return 1;
+    }
   }
   return 0;
 }

@@ -24,6 +24,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -60,13 +61,17 @@ struct Options {
   int warmup = 2;
   int threads = 0;             // intra-op threads per rank; 0: cores / ranks on the node
   int64_t poll_sleep_us = -1;  // CommunicatorOptions::mpi_max_poll_sleep; -1: its default
+  std::string json;            // also write the figures to this JSON file (rank 0)
 };
+
+// JSON rows of the two parts, written by main() when --json is given.
+std::vector<std::string> json_bandwidth, json_overlap;
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "allreduce_bench: " << problem << "\n"
             << "options: --min-bytes N --max-bytes N --seconds-per-size S --skip-bandwidth --skip-overlap\n"
             << "         --backend mpi|nccl --progress thread|caller|both --batch N --image N --steps N\n"
-            << "         --warmup N --threads N --poll-sleep-us N" << std::endl;
+            << "         --warmup N --threads N --poll-sleep-us N --json FILE" << std::endl;
   std::exit(2);
 }
 
@@ -104,6 +109,8 @@ Options parse(int argc, char** argv) {
       options.warmup = std::stoi(value());
     else if (flag == "--threads")
       options.threads = std::stoi(value());
+    else if (flag == "--json")
+      options.json = value();
     else if (flag == "--poll-sleep-us")
       options.poll_sleep_us = std::stoll(value());
     else
@@ -167,17 +174,22 @@ void bandwidth(const dist::Context& ctx, const Options& options,
   for (int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= 4) {
     int64_t numel = bytes / 4;
     std::string line;
+    std::string row = "{\"bytes\": " + std::to_string(bytes);
     char cell[96];
+    std::string column;
     auto add = [&](double seconds) {
       double algbw = bytes / seconds / 1e9;
+      row += ", \"" + column + "_busbw_gbs\": " + std::to_string(algbw * bus);
       std::snprintf(cell, sizeof(cell), " | %9.1f %9.3f %9.3f  ", seconds * 1e6, algbw, algbw * bus);
       line += cell;
     };
     for (auto& [name, comm] : comms) {
+      column = name;
       auto tensor = torch::ones({numel}, torch::TensorOptions().device(comm->device()));
       add(time_per_op([&] { comm->all_reduce(tensor, dist::ReduceOp::kSum); }, options.seconds_per_size));
     }
     if (options.backend == "mpi") {
+      column = "raw_mpi";
       auto tensor = torch::ones({numel});
       add(time_per_op(
           [&] {
@@ -185,6 +197,7 @@ void bandwidth(const dist::Context& ctx, const Options& options,
           },
           options.seconds_per_size));
     }
+    json_bandwidth.push_back(row + "}");
     if (ctx.is_root()) std::printf("%10s%s\n", human(bytes).c_str(), line.c_str());
     std::fflush(stdout);
   }
@@ -352,6 +365,10 @@ void overlap(const dist::Context& ctx, const Options& options, dist::Communicato
   });
   double exposed = std::max(0.0, with_reducer - compute);
   double hidden = comm_only > 0 ? std::clamp(1.0 - exposed / comm_only, 0.0, 1.0) : 0.0;
+  json_overlap.push_back("{\"comm\": \"" + label + "\", \"compute_s\": " + std::to_string(compute) +
+                         ", \"with_reducer_s\": " + std::to_string(with_reducer) + ", \"comm_only_s\": " +
+                         std::to_string(comm_only) + ", \"exposed_s\": " + std::to_string(exposed) +
+                         ", \"hidden\": " + std::to_string(hidden) + "}");
   if (ctx.is_root()) {
     std::printf("%-10s %5d %8.2fM %7lld %9.3f %9.3f %9.3f %9.3f %9.3f %8.1f %8.0f%%\n", label.c_str(),
                 ctx.world_size(), parameters / 1e6, static_cast<long long>(reducer.bucket_count()), compute,
@@ -401,6 +418,17 @@ int main(int argc, char** argv) {
       for (auto& [name, comm] : comms) overlap(ctx, options, *comm, name);
     }
     comms.clear();
+    if (ctx.is_root() && !options.json.empty()) {
+      auto join = [](const std::vector<std::string>& rows) {
+        std::string out;
+        for (size_t i = 0; i < rows.size(); ++i) out += (i ? ", " : "") + rows[i];
+        return "[" + out + "]";
+      };
+      std::ofstream out(options.json);
+      out << "{\"program\": \"allreduce_bench\", \"ranks\": " << ctx.world_size()
+          << ", \"bandwidth\": " << join(json_bandwidth) << ", \"overlap\": " << join(json_overlap) << "}\n";
+      if (!out) throw std::runtime_error("cannot write " + options.json);
+    }
     return 0;
   } catch (const std::exception& error) {
     std::cerr << "[rank " << ctx.rank() << "] allreduce_bench: " << error.what() << std::endl;
