@@ -17,7 +17,9 @@ add_custom_target(diffuse_git_hash ALL
 add_library(diffuse_common INTERFACE)
 target_include_directories(diffuse_common INTERFACE
   ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR}/generated)
-target_compile_options(diffuse_common INTERFACE -Wall -Wextra -Wno-unused-parameter -Winvalid-pch)
+# -Wno-missing-field-initializers: C++20 designated initialisers leave the rest at their defaults on purpose.
+target_compile_options(diffuse_common INTERFACE -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
+  -Winvalid-pch)
 target_link_libraries(diffuse_common INTERFACE ${TORCH_LIBRARIES} Threads::Threads)
 # The torch wheel's libtorch*.so export pieces of a statically linked libstdc++ (std::filesystem
 # among them, pytorch/pytorch#133437); if they are searched first, std::filesystem::remove_all

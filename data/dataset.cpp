@@ -25,7 +25,7 @@ std::string shape_text(const std::vector<hsize_t>& dims) {
 
 void check_compression_name(const std::string& compression) {
   if (compression != "none" && compression != "gzip" && compression != "lzf") {
-    throw std::invalid_argument("compression must be none, gzip or lzf, got '" + compression + "'");
+    throw std::invalid_argument("--compression must be none, gzip or lzf, got '" + compression + "'");
   }
 }
 
@@ -43,7 +43,7 @@ DatasetInfo read_dataset_info(const fs::path& path) {
   if (is_hdf5 == 0) {
     throw std::runtime_error(where + " is not an HDF5 file (make a dataset with `diffuse prep`)");
   }
-  Handle file(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + where));
+  Handle file = impl::open_read_only(path, where);
   Handle root(check_id(H5Gopen2(file.get(), "/", H5P_DEFAULT), "opening the root group of " + where));
   Handle images = impl::open_dataset_if_exists(file.get(), "images");
   if (!images.valid()) {
@@ -144,7 +144,7 @@ torch::Tensor read_labels(const fs::path& path) {
   if (!info.has_labels) throw std::runtime_error("dataset file " + quoted(path) + " has no labels");
   auto out = torch::empty({info.count}, torch::kInt64);
   impl::Hdf5Lock lock;
-  Handle file(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + quoted(path)));
+  Handle file = impl::open_read_only(path, "dataset file " + quoted(path));
   Handle labels(check_id(H5Dopen2(file.get(), "labels", H5P_DEFAULT), "opening 'labels' in " + quoted(path)));
   check(H5Dread(labels.get(), H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data_ptr<int64_t>()),
         "reading 'labels' of " + quoted(path));
@@ -154,11 +154,39 @@ torch::Tensor read_labels(const fs::path& path) {
 bool compression_available(const std::string& compression) {
   if (compression == "none") return true;
   impl::Hdf5Lock lock;
-  htri_t available = -1;
-  if (compression == "gzip") available = H5Zfilter_avail(H5Z_FILTER_DEFLATE);
-  if (compression == "lzf") available = H5Zfilter_avail(impl::kLzfFilter);  // also looks for plugins
+  if (compression == "gzip") {
+    htri_t available = H5Zfilter_avail(H5Z_FILTER_DEFLATE);
+    H5Eclear2(H5E_DEFAULT);
+    return available > 0;
+  }
+  if (compression != "lzf") return false;
+  // HDF5 1.10's H5Zfilter_avail does not look for plugins; creating a dataset with the filter
+  // does. Try it in a file that lives only in memory.
+  Handle access(H5Pcreate(H5P_FILE_ACCESS));
+  H5Pset_fapl_core(access.get(), 1 << 16, /*backing_store=*/0);
+  Handle file(H5Fcreate("diffuse-lzf-probe", H5F_ACC_TRUNC, H5P_DEFAULT, access.get()));
+  hsize_t n = 16;
+  Handle create(H5Pcreate(H5P_DATASET_CREATE));
+  H5Pset_chunk(create.get(), 1, &n);
+  H5Pset_filter(create.get(), impl::kLzfFilter, H5Z_FLAG_MANDATORY, 0, nullptr);
+  Handle space(H5Screate_simple(1, &n, nullptr));
+  Handle dataset(file.valid() ? H5Dcreate2(file.get(), "probe", H5T_STD_U8LE, space.get(), H5P_DEFAULT, create.get(),
+                                           H5P_DEFAULT)
+                              : H5I_INVALID_HID);
   H5Eclear2(H5E_DEFAULT);
-  return available > 0;
+  return dataset.valid();
+}
+
+void require_compression(const std::string& compression) {
+  check_compression_name(compression);
+  if (compression_available(compression)) return;
+  if (compression == "lzf") {
+    throw std::runtime_error(
+        "compression 'lzf' is not available in this HDF5 library: LZF is h5py's filter, which plain HDF5 loads "
+        "as a plugin (HDF5_PLUGIN_PATH, or Debian's hdf5-plugin-lzf, whose filter on Debian 12 also needs "
+        "LD_PRELOAD=liblzf.so.1 from liblzf1); or use gzip");
+  }
+  throw std::runtime_error("compression '" + compression + "' is not available in this HDF5 library");
 }
 
 std::vector<int64_t> dataset_chunk_shape(int64_t count, int64_t height, int64_t width, int64_t channels,
@@ -198,15 +226,7 @@ DatasetWriter::DatasetWriter(const fs::path& path, int64_t capacity, int64_t hei
   if (channels != 1 && channels != 3) {
     throw std::invalid_argument(d.where() + ": channels must be 1 or 3, got " + std::to_string(channels));
   }
-  check_compression_name(options.compression);
-  if (!compression_available(options.compression)) {
-    throw std::runtime_error(
-        d.where() + ": compression '" + options.compression + "' is not available in this HDF5 library" +
-        (options.compression == "lzf"
-             ? " (LZF is h5py's filter; plain HDF5 loads it as a plugin: install Debian's hdf5-plugin-lzf or "
-               "point HDF5_PLUGIN_PATH at one, or use --compression gzip)"
-             : ""));
-  }
+  require_compression(options.compression);
   if (options.gzip_level < 1 || options.gzip_level > 9) {
     throw std::invalid_argument(d.where() + ": gzip level must be 1..9, got " + std::to_string(options.gzip_level));
   }
@@ -228,7 +248,9 @@ DatasetWriter::DatasetWriter(const fs::path& path, int64_t capacity, int64_t hei
   check(H5Pset_fill_time(create.get(), H5D_FILL_TIME_NEVER), d.where());
   if (options.compression == "gzip") check(H5Pset_deflate(create.get(), options.gzip_level), d.where());
   if (options.compression == "lzf") {
-    check(H5Pset_filter(create.get(), impl::kLzfFilter, H5Z_FLAG_MANDATORY, 0, nullptr), d.where());
+    // Optional, as h5py sets it: LZF gives up on a chunk it cannot shrink, which is then stored
+    // raw. As a mandatory filter, HDF5 1.10 drops such chunks at flush time without an error.
+    check(H5Pset_filter(create.get(), impl::kLzfFilter, H5Z_FLAG_OPTIONAL, 0, nullptr), d.where());
   }
   Handle space(check_id(H5Screate_simple(4, dims, dims), d.where()));
   d.images = Handle(check_id(H5Dcreate2(d.file.get(), "images", H5T_STD_U8LE, space.get(), H5P_DEFAULT,

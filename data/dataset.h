@@ -55,6 +55,9 @@ struct DatasetWriteOptions {
 /// filter: plain HDF5 has it only through a plugin (Debian: hdf5-plugin-lzf).
 bool compression_available(const std::string& compression);
 
+/// Throws unless `compression` is a known name this HDF5 can write, saying what to do instead.
+void require_compression(const std::string& compression);
+
 /// The chunk shape the writer uses: whole images, about 64 KiB per chunk uncompressed so
 /// sequential reads are large; one image per chunk when compressed so a random read decodes
 /// only the image it needs.

@@ -173,7 +173,7 @@ Hdf5Tensors read_hdf5_tensors(const fs::path& path) {
     H5Eclear2(H5E_DEFAULT);
     throw std::runtime_error("tensor file " + where + " is not an HDF5 file");
   }
-  Handle file(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + where));
+  Handle file = impl::open_read_only(path, "tensor file " + where);
   Handle root(check_id(H5Gopen2(file.get(), "/", H5P_DEFAULT), "opening " + where));
   Handle root_create(check_id(H5Gget_create_plist(root.get()), where));
   unsigned order_flags = 0;

@@ -3,6 +3,7 @@
 #include "data/loader.h"
 
 #include <array>
+#include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -37,6 +38,56 @@ struct ReadyBatch {
   std::exception_ptr error;
 };
 
+// Batch buffers of one size, recycled through the tensors' deleters once they are dropped.
+// A fresh allocation per batch costs as much as the conversion itself: glibc maps a block of
+// this size anew each time (its mmap threshold never rises past a repeated request) and the
+// first touch faults in every page. Pinned buffers for CUDA need no pool: LibTorch caches them.
+class BufferPool : public std::enable_shared_from_this<BufferPool> {
+ public:
+  BufferPool(size_t bytes, size_t keep) : bytes_(bytes), keep_(keep) {}
+  ~BufferPool() {
+    for (void* buffer : free_) std::free(buffer);
+  }
+
+  torch::Tensor take(at::IntArrayRef sizes, torch::ScalarType dtype) {
+    void* buffer = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      if (!free_.empty()) {
+        buffer = free_.back();
+        free_.pop_back();
+      }
+    }
+    if (buffer == nullptr) buffer = std::aligned_alloc(64, (bytes_ + 63) / 64 * 64);
+    if (buffer == nullptr) throw std::bad_alloc();
+    std::weak_ptr<BufferPool> pool = weak_from_this();
+    return torch::from_blob(
+        buffer, sizes,
+        [pool](void* data) {
+          if (auto alive = pool.lock()) {
+            alive->give(data);
+          } else {
+            std::free(data);
+          }
+        },
+        dtype);
+  }
+
+ private:
+  void give(void* buffer) {
+    std::lock_guard lock(mutex_);
+    if (free_.size() < keep_) {
+      free_.push_back(buffer);
+    } else {
+      std::free(buffer);
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<void*> free_;
+  size_t bytes_, keep_;
+};
+
 }  // namespace
 
 std::vector<int64_t> epoch_permutation(int64_t count, uint64_t seed, int64_t epoch) {
@@ -63,6 +114,8 @@ struct Loader::Impl {
   int64_t global_batch = 0;
   int64_t per_epoch = 0;
   std::array<float, 256> to_float{};
+  std::shared_ptr<BufferPool> image_buffers;  // float batches for the CPU
+  std::shared_ptr<BufferPool> raw_buffers;    // uint8 batches as read
 
   // Owned by the I/O thread while it runs; set by restore() while it is stopped.
   LoaderState cursor;
@@ -78,7 +131,7 @@ struct Loader::Impl {
   std::map<int64_t, ReadyBatch> ready;
   std::exception_ptr failure;
   LoaderState delivered;
-  double wait_seconds = 0;
+  LoaderStats stats;  // guarded by `mutex`
   std::thread io;
   std::vector<std::thread> workers;
 
@@ -120,7 +173,7 @@ struct Loader::Impl {
       sorted[j] = by_index[j].first;
       raw.source_row[by_index[j].second] = j;
     }
-    raw.pixels = torch::empty({batch, rows->row_bytes()}, torch::kUInt8);
+    raw.pixels = raw_buffers->take({batch, rows->row_bytes()}, torch::kUInt8);
     rows->read(impl::coalesce_runs(sorted), raw.pixels.data_ptr<uint8_t>());
     if (!labels.empty()) {
       auto options_labels = torch::TensorOptions(torch::kInt64).pinned_memory(options.device.is_cuda());
@@ -137,8 +190,9 @@ struct Loader::Impl {
 
   Batch convert(const RawBatch& raw) const {
     const int64_t batch = options.batch_size, c = info.channels, h = info.height, w = info.width;
-    auto float_options = torch::TensorOptions(torch::kFloat).pinned_memory(options.device.is_cuda());
-    auto images = torch::empty({batch, c, h, w}, float_options);
+    auto images = options.device.is_cuda()
+                      ? torch::empty({batch, c, h, w}, torch::TensorOptions(torch::kFloat).pinned_memory(true))
+                      : image_buffers->take({batch, c, h, w}, torch::kFloat);
     float* out = images.data_ptr<float>();
     const uint8_t* base = raw.pixels.data_ptr<uint8_t>();
     const int64_t image_bytes = h * w * c;
@@ -160,12 +214,21 @@ struct Loader::Impl {
     return {images, raw.labels, raw.indices};
   }
 
-  ReadyBatch convert_or_error(const RawBatch& raw) const {
+  ReadyBatch convert_or_error(const RawBatch& raw) {
+    const auto start = std::chrono::steady_clock::now();
     try {
-      return {convert(raw), raw.after, nullptr};
+      ReadyBatch ready{convert(raw), raw.after, nullptr};
+      add_seconds(stats.convert_seconds, start);
+      return ready;
     } catch (...) {
       return {{}, {}, std::current_exception()};
     }
+  }
+
+  void add_seconds(double& total, std::chrono::steady_clock::time_point since) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+    std::lock_guard lock(mutex);
+    total += seconds;
   }
 
   void io_loop() {
@@ -178,8 +241,10 @@ struct Loader::Impl {
         sequence = next_read;
       }
       RawBatch raw;
+      const auto read_start = std::chrono::steady_clock::now();
       try {
         raw = read_batch(sequence);
+        add_seconds(stats.read_seconds, read_start);
       } catch (...) {
         std::lock_guard lock(mutex);
         ready[sequence] = {{}, {}, std::current_exception()};
@@ -300,6 +365,11 @@ Loader::Loader(LoaderOptions options) : impl_(std::make_unique<Impl>()) {
     d.labels.assign(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
   }
   for (int v = 0; v < 256; ++v) d.to_float[v] = static_cast<float>(v) / 127.5f - 1.0f;
+  // Enough for the batches in flight plus a couple the caller still holds.
+  const auto image_bytes = static_cast<size_t>(options.batch_size * info.height * info.width * info.channels);
+  const auto keep = static_cast<size_t>(options.prefetch_batches + options.worker_threads + 2);
+  d.image_buffers = std::make_shared<BufferPool>(image_bytes * sizeof(float), keep);
+  d.raw_buffers = std::make_shared<BufferPool>(image_bytes, keep);
   d.cursor = {0, 0, options.seed, 0};
   d.delivered = d.cursor;
   d.options = std::move(options);
@@ -321,7 +391,7 @@ Batch Loader::next() {
     if (d.failure) std::rethrow_exception(d.failure);
     const auto start = std::chrono::steady_clock::now();
     d.ready_wake.wait(lock, [&] { return d.ready.count(d.next_deliver) > 0; });
-    d.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    d.stats.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     auto found = d.ready.find(d.next_deliver);
     ready = std::move(found->second);
     d.ready.erase(found);
@@ -332,6 +402,7 @@ Batch Loader::next() {
       std::rethrow_exception(ready.error);
     }
     d.delivered = ready.after;
+    ++d.stats.batches;
   }
   Batch batch = std::move(ready.batch);
   if (d.options.device.is_cuda()) {
@@ -372,7 +443,12 @@ const LoaderOptions& Loader::options() const { return impl_->options; }
 
 double Loader::wait_seconds_total() const {
   std::lock_guard lock(impl_->mutex);
-  return impl_->wait_seconds;
+  return impl_->stats.wait_seconds;
+}
+
+LoaderStats Loader::stats() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->stats;
 }
 
 }  // namespace diffuse::data

@@ -17,10 +17,11 @@
 //   (seed, e, q), so it does not depend on W or on threads either.
 // Pixels v in 0..255 become v / 127.5 - 1 in [-1, 1], laid out [B, C, H, W].
 //
-// Threads: one I/O thread makes every HDF5 call (reading each batch's indices, sorted and
-// coalesced into one hyperslab selection, with one H5Dread); worker threads reorder, flip and
-// convert to float; a bounded queue holds at most `prefetch_batches` batches ahead of next().
-// Errors on those threads are carried to next() (std::exception_ptr) with the index and file.
+// Threads: one I/O thread makes the loader's HDF5 reads (a batch's indices sorted, one read per
+// run of neighbouring indices; every HDF5 call in the process also takes one process-wide
+// lock); worker threads reorder, flip and convert to float; at most `prefetch_batches` batches
+// are read ahead of next(). Errors on those threads are carried to next() (std::exception_ptr)
+// with the image index and the file.
 #pragma once
 
 #include <torch/torch.h>
@@ -35,6 +36,7 @@
 
 namespace diffuse::data {
 
+/// What a Loader reads and how: the file, this rank's share, the seed, threads and checks.
 struct LoaderOptions {
   std::filesystem::path path;
   int64_t batch_size = 32;  ///< per rank
@@ -64,6 +66,14 @@ struct LoaderState {
   int64_t samples_seen = 0;  ///< global, all epochs
 };
 
+/// Where a loader's time went, summed over its lifetime (seconds).
+struct LoaderStats {
+  int64_t batches = 0;         ///< batches next() returned
+  double wait_seconds = 0;     ///< next() blocked waiting for a batch: the loader's cost to training
+  double read_seconds = 0;     ///< the I/O thread reading from the file (HDF5)
+  double convert_seconds = 0;  ///< worker threads reordering, flipping, converting to float
+};
+
 /// One batch of this rank.
 struct Batch {
   torch::Tensor images;   ///< [B, C, H, W] float32 in [-1, 1], on options.device
@@ -71,6 +81,7 @@ struct Batch {
   torch::Tensor indices;  ///< [B] int64 dataset indices, on the CPU
 };
 
+/// Batches of one rank from a dataset file; see the top of this header for the semantics.
 class Loader {
  public:
   /// Opens and validates the dataset (read_dataset_info's checks, plus the expected size and
@@ -98,6 +109,8 @@ class Loader {
   const LoaderOptions& options() const;
   /// Seconds next() spent waiting for batches in total: the loader's cost to training.
   double wait_seconds_total() const;
+  /// Batches delivered and the time spent waiting, reading and converting.
+  LoaderStats stats() const;
 
  private:
   struct Impl;

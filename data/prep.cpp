@@ -480,16 +480,7 @@ void validate(const PrepOptions& options) {
   if (options.channels && *options.channels != 1 && *options.channels != 3) {
     throw std::invalid_argument("--channels must be 1 or 3, got " + std::to_string(*options.channels));
   }
-  if (options.compression != "none" && options.compression != "gzip" && options.compression != "lzf") {
-    throw std::invalid_argument("--compression must be none, gzip or lzf, got '" + options.compression + "'");
-  }
-  if (!compression_available(options.compression)) {
-    throw std::runtime_error("compression '" + options.compression + "' is not available in this HDF5 library" +
-                             (options.compression == "lzf"
-                                  ? ": LZF is h5py's filter, which plain HDF5 loads as a plugin (install Debian's "
-                                    "hdf5-plugin-lzf or set HDF5_PLUGIN_PATH), or use --compression gzip"
-                                  : ""));
-  }
+  require_compression(options.compression);
   std::error_code error;
   if (fs::is_directory(options.output, error)) {
     throw std::invalid_argument("output " + quoted(options.output) + " is a folder; give a file name (e.g. data.h5)");

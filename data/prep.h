@@ -34,6 +34,7 @@ struct PrepProgress {
   int64_t total = 0;  ///< inputs in all
 };
 
+/// What `diffuse prep` converts and how; each field is one command-line option.
 struct PrepOptions {
   std::filesystem::path input;               ///< image folder, idx file, CIFAR file or folder; empty for synthetic
   std::filesystem::path output;              ///< the .h5 file to write

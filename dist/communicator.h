@@ -8,7 +8,8 @@
 //   ...; work->wait();                                            // throws on error or timeout
 //
 // Every rank must issue the same collectives in the same order (as with MPI and NCCL
-// themselves). A collective that does not complete within CommunicatorOptions::timeout throws
+// themselves). Calls from several threads are safe but their order is then the caller's to fix
+// (the gradient reducer issues everything under its own lock). A collective that does not complete within CommunicatorOptions::timeout throws
 // a message naming the operation, its size and the rank, and leaves the communicator unusable:
 // the caller lets the exception reach main(), which aborts the job.
 #pragma once
@@ -114,8 +115,8 @@ torch::Device select_device(const Context& ctx, bool want_cuda);
 struct LocalGpuView {
   int local_rank = 0;
   int local_world_size = 1;
-  int visible_gpus = 0;                     ///< devices this rank's CUDA runtime reports
-  std::vector<std::string> visible_masks;   ///< CUDA_VISIBLE_DEVICES of each local rank ("" = unset)
+  int visible_gpus = 0;                    ///< devices this rank's CUDA runtime reports
+  std::vector<std::string> visible_masks;  ///< CUDA_VISIBLE_DEVICES of each local rank ("" = unset)
   std::string hostname;
   int world_rank = 0;
 };

@@ -32,10 +32,14 @@ namespace diffuse::dist {
 
 std::string to_string(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return "sum";
-    case ReduceOp::kAverage: return "average";
-    case ReduceOp::kMax: return "max";
-    case ReduceOp::kMin: return "min";
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kAverage:
+      return "average";
+    case ReduceOp::kMax:
+      return "max";
+    case ReduceOp::kMin:
+      return "min";
   }
   return "unknown";
 }
@@ -53,9 +57,15 @@ void reduce_16bit(void* in, void* inout, const int* length) {
   Combine combine;
   for (int i = 0; i < *length; ++i) b[i] = T(combine(static_cast<float>(a[i]), static_cast<float>(b[i])));
 }
-struct Plus { float operator()(float a, float b) const { return a + b; } };
-struct Max { float operator()(float a, float b) const { return std::isnan(a) || a > b ? a : b; } };
-struct Min { float operator()(float a, float b) const { return std::isnan(a) || a < b ? a : b; } };
+struct Plus {
+  float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  float operator()(float a, float b) const { return std::isnan(a) || a > b ? a : b; }
+};
+struct Min {
+  float operator()(float a, float b) const { return std::isnan(a) || a < b ? a : b; }
+};
 template <typename T, typename Combine>
 void mpi_reduce_16bit(void* in, void* inout, int* length, MPI_Datatype*) {
   reduce_16bit<T, Combine>(in, inout, length);
@@ -87,29 +97,44 @@ const HalfTypes& half_types() {
 
 std::string dtype_name(torch::ScalarType type) {
   switch (type) {
-    case torch::kFloat: return "float32";
-    case torch::kDouble: return "float64";
-    case torch::kBFloat16: return "bfloat16";
-    case torch::kHalf: return "float16";
-    case torch::kInt: return "int32";
-    case torch::kLong: return "int64";
-    default: return c10::toString(type);
+    case torch::kFloat:
+      return "float32";
+    case torch::kDouble:
+      return "float64";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kHalf:
+      return "float16";
+    case torch::kInt:
+      return "int32";
+    case torch::kLong:
+      return "int64";
+    default:
+      return c10::toString(type);
   }
 }
 
 /// The MPI type that copies `type` bit for bit (broadcast, all_gather).
 MPI_Datatype transfer_type(torch::ScalarType type) {
   switch (type) {
-    case torch::kFloat: return MPI_FLOAT;
-    case torch::kDouble: return MPI_DOUBLE;
+    case torch::kFloat:
+      return MPI_FLOAT;
+    case torch::kDouble:
+      return MPI_DOUBLE;
     case torch::kBFloat16:
-    case torch::kHalf: return MPI_UINT16_T;
-    case torch::kInt: return MPI_INT32_T;
-    case torch::kLong: return MPI_INT64_T;
-    case torch::kShort: return MPI_INT16_T;
+    case torch::kHalf:
+      return MPI_UINT16_T;
+    case torch::kInt:
+      return MPI_INT32_T;
+    case torch::kLong:
+      return MPI_INT64_T;
+    case torch::kShort:
+      return MPI_INT16_T;
     case torch::kByte:
-    case torch::kBool: return MPI_UINT8_T;
-    case torch::kChar: return MPI_INT8_T;
+    case torch::kBool:
+      return MPI_UINT8_T;
+    case torch::kChar:
+      return MPI_INT8_T;
     default:
       throw std::invalid_argument("MPI communicator: unsupported dtype " + dtype_name(type));
   }
@@ -126,24 +151,29 @@ Reduction reduction_for(torch::ScalarType type, ReduceOp op) {
     bool bf = type == torch::kBFloat16;
     switch (op) {
       case ReduceOp::kSum:
-      case ReduceOp::kAverage: return {bf ? h.bf16 : h.fp16, bf ? h.bf16_sum : h.fp16_sum};
-      case ReduceOp::kMax: return {bf ? h.bf16 : h.fp16, bf ? h.bf16_max : h.fp16_max};
-      case ReduceOp::kMin: return {bf ? h.bf16 : h.fp16, bf ? h.bf16_min : h.fp16_min};
+      case ReduceOp::kAverage:
+        return {bf ? h.bf16 : h.fp16, bf ? h.bf16_sum : h.fp16_sum};
+      case ReduceOp::kMax:
+        return {bf ? h.bf16 : h.fp16, bf ? h.bf16_max : h.fp16_max};
+      case ReduceOp::kMin:
+        return {bf ? h.bf16 : h.fp16, bf ? h.bf16_min : h.fp16_min};
     }
   }
   if (type == torch::kBool) {
     throw std::invalid_argument("MPI communicator: all_reduce of bool tensors is not supported");
   }
   MPI_Datatype mpi_type = transfer_type(type);
-  if (op == ReduceOp::kAverage && !c10::isFloatingType(type) && type != torch::kInt &&
-      type != torch::kLong) {
+  if (op == ReduceOp::kAverage && !c10::isFloatingType(type) && type != torch::kInt && type != torch::kLong) {
     throw std::invalid_argument("MPI communicator: average of " + dtype_name(type) + " is not supported");
   }
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAverage: return {mpi_type, MPI_SUM};
-    case ReduceOp::kMax: return {mpi_type, MPI_MAX};
-    case ReduceOp::kMin: return {mpi_type, MPI_MIN};
+    case ReduceOp::kAverage:
+      return {mpi_type, MPI_SUM};
+    case ReduceOp::kMax:
+      return {mpi_type, MPI_MAX};
+    case ReduceOp::kMin:
+      return {mpi_type, MPI_MIN};
   }
   throw std::invalid_argument("MPI communicator: unknown reduce op");
 }
@@ -161,8 +191,8 @@ std::string human_bytes(int64_t bytes) {
 }
 
 std::string describe(const std::string& what, const torch::Tensor& tensor) {
-  return what + " of " + std::to_string(tensor.numel()) + " x " + dtype_name(tensor.scalar_type()) +
-         " (" + human_bytes(tensor.numel() * static_cast<int64_t>(tensor.element_size())) + ")";
+  return what + " of " + std::to_string(tensor.numel()) + " x " + dtype_name(tensor.scalar_type()) + " (" +
+         human_bytes(tensor.numel() * static_cast<int64_t>(tensor.element_size())) + ")";
 }
 
 // MPI counts are int: longer tensors go as several requests of at most this many elements.
@@ -174,7 +204,7 @@ struct Operation {
   uint64_t sequence = 0;    // position on this communicator, for error messages
   Clock::time_point deadline;
   std::function<void(MPI_Comm, std::vector<MPI_Request>&)> start;
-  std::function<void()> finish;  // on the caller's thread, once, after completion
+  std::function<void()> finish;        // on the caller's thread, once, after completion
   std::vector<torch::Tensor> tensors;  // kept alive while MPI may touch them
 
   enum class State { kQueued, kRunning, kDone, kFailed };
@@ -185,6 +215,27 @@ struct Operation {
   std::vector<MPI_Request> requests;
   bool finished = false;  // finish() has run
 };
+
+/// An operation on `tensor` (contiguous, on the host) started as one nonblocking call per chunk of
+/// at most kMaxChunk elements: `post(chunk, count, comm, request)` posts the call for one chunk.
+template <typename Post>
+std::shared_ptr<Operation> chunked_operation(const std::string& what, const torch::Tensor& tensor,
+                                             Post post) {
+  auto operation = std::make_shared<Operation>();
+  operation->description = describe(what, tensor);
+  operation->tensors = {tensor};
+  char* data = static_cast<char*>(tensor.data_ptr());
+  const int64_t numel = tensor.numel();
+  const int64_t element_size = static_cast<int64_t>(tensor.element_size());
+  operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
+    for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
+      const int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
+      requests.emplace_back(MPI_REQUEST_NULL);
+      post(data + offset * element_size, count, comm, &requests.back());
+    }
+  };
+  return operation;
+}
 
 class MpiEngine;
 
@@ -461,7 +512,8 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   }
 
   std::string abandoned_message(const Operation& op) const {
-    return "MPI " + op.description + where() + " abandoned: the communicator was destroyed before it completed";
+    return "MPI " + op.description + where() +
+           " abandoned: the communicator was destroyed before it completed";
   }
 
   MPI_Comm comm_;
@@ -477,7 +529,7 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   uint64_t sequence_ = 0;
   bool stop_ = false;
   std::atomic<int64_t> in_flight_{0};  // started and not completed (failed ones stay counted)
-  std::mutex caller_mpi_mutex_;  // kCaller: serialises this communicator's MPI calls
+  std::mutex caller_mpi_mutex_;        // kCaller: serialises this communicator's MPI calls
   std::thread thread_;
 };
 
@@ -512,7 +564,8 @@ class MpiCommunicator final : public Communicator {
     if (threaded && !multiple) {
       throw std::invalid_argument(
           "MpiProgress::kThread needs MPI_THREAD_MULTIPLE but the MPI library granted thread level " +
-          std::to_string(ctx.thread_level()) + "; use MpiProgress::kCaller or an MPI built with thread support");
+          std::to_string(ctx.thread_level()) +
+          "; use MpiProgress::kCaller or an MPI built with thread support");
     }
     half_types();  // create the 16-bit types and ops on this thread, before any collective
     MPI_Comm comm = MPI_COMM_NULL;
@@ -534,20 +587,11 @@ class MpiCommunicator final : public Communicator {
     check_host_tensor(tensor, what);
     check_contiguous(tensor, what);
     Reduction reduction = reduction_for(tensor.scalar_type(), op);
-    auto operation = std::make_shared<Operation>();
-    operation->description = describe(what, tensor);
-    operation->tensors = {tensor};
-    char* data = static_cast<char*>(tensor.data_ptr());
-    int64_t numel = tensor.numel();
-    int64_t element_size = static_cast<int64_t>(tensor.element_size());
-    operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
-      for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
-        int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
-        requests.emplace_back(MPI_REQUEST_NULL);
-        DIFFUSE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data + offset * element_size, count, reduction.type,
-                                         reduction.op, comm, &requests.back()));
-      }
+    auto post = [reduction](char* chunk, int count, MPI_Comm comm, MPI_Request* request) {
+      DIFFUSE_MPI_CHECK(
+          MPI_Iallreduce(MPI_IN_PLACE, chunk, count, reduction.type, reduction.op, comm, request));
     };
+    auto operation = chunked_operation(what, tensor, post);
     if (op == ReduceOp::kAverage && size() > 1) {
       int world = size();
       operation->finish = [tensor, world]() mutable {
@@ -571,19 +615,10 @@ class MpiCommunicator final : public Communicator {
                                   std::to_string(size() - 1));
     }
     MPI_Datatype type = transfer_type(tensor.scalar_type());
-    auto operation = std::make_shared<Operation>();
-    operation->description = describe(what, tensor);
-    operation->tensors = {tensor};
-    char* data = static_cast<char*>(tensor.data_ptr());
-    int64_t numel = tensor.numel();
-    int64_t element_size = static_cast<int64_t>(tensor.element_size());
-    operation->start = [=](MPI_Comm comm, std::vector<MPI_Request>& requests) {
-      for (int64_t offset = 0; offset < numel; offset += kMaxChunk) {
-        int count = static_cast<int>(std::min(kMaxChunk, numel - offset));
-        requests.emplace_back(MPI_REQUEST_NULL);
-        DIFFUSE_MPI_CHECK(MPI_Ibcast(data + offset * element_size, count, type, root, comm, &requests.back()));
-      }
+    auto post = [type, root](char* chunk, int count, MPI_Comm comm, MPI_Request* request) {
+      DIFFUSE_MPI_CHECK(MPI_Ibcast(chunk, count, type, root, comm, request));
     };
+    auto operation = chunked_operation(what, tensor, post);
     engine_->submit(operation)->wait();
   }
 

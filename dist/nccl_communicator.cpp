@@ -80,14 +80,16 @@ std::vector<std::string> gather_node_masks() {
 }  // namespace
 
 int choose_cuda_device(const LocalGpuView& view) {
-  std::string who = "rank " + std::to_string(view.world_rank) + " (local rank " + std::to_string(view.local_rank) +
-                    " of " + std::to_string(view.local_world_size) + " on host '" + view.hostname + "')";
+  std::string who = "rank " + std::to_string(view.world_rank) + " (local rank " +
+                    std::to_string(view.local_rank) + " of " + std::to_string(view.local_world_size) +
+                    " on host '" + view.hostname + "')";
   std::string mine = view.local_rank < static_cast<int>(view.visible_masks.size())
                          ? view.visible_masks[view.local_rank]
                          : std::string();
   if (view.visible_gpus <= 0) {
     throw std::runtime_error(who + ": CUDA was requested but no GPU is visible (CUDA_VISIBLE_DEVICES " +
-                             mask_text(mine) + "). Check the driver with nvidia-smi and CUDA_VISIBLE_DEVICES, "
+                             mask_text(mine) +
+                             "). Check the driver with nvidia-smi and CUDA_VISIBLE_DEVICES, "
                              "or run on the CPU.");
   }
   bool complete = static_cast<int>(view.visible_masks.size()) == view.local_world_size;
@@ -110,16 +112,18 @@ int choose_cuda_device(const LocalGpuView& view) {
   if (!all_same) {
     std::string list;
     for (size_t r = 0; r < view.visible_masks.size(); ++r) {
-      list += (r ? ", " : "") + std::string("local rank ") + std::to_string(r) + ": " + mask_text(view.visible_masks[r]);
+      list += (r ? ", " : "") + std::string("local rank ") + std::to_string(r) + ": " +
+              mask_text(view.visible_masks[r]);
     }
-    throw std::runtime_error(who + ": the ranks on this host see different but overlapping GPUs (" + list +
-                             "). Give every rank the same CUDA_VISIBLE_DEVICES, or each rank GPUs of its own.");
+    throw std::runtime_error(
+        who + ": the ranks on this host see different but overlapping GPUs (" + list +
+        "). Give every rank the same CUDA_VISIBLE_DEVICES, or each rank GPUs of its own.");
   }
   if (view.local_world_size > view.visible_gpus) {
     throw std::runtime_error(
-        who + ": " + std::to_string(view.local_world_size) + " ranks on host '" + view.hostname + "' but only " +
-        std::to_string(view.visible_gpus) + " visible GPU(s) (CUDA_VISIBLE_DEVICES " + mask_text(mine) +
-        "). Start at most " + std::to_string(view.visible_gpus) +
+        who + ": " + std::to_string(view.local_world_size) + " ranks on host '" + view.hostname +
+        "' but only " + std::to_string(view.visible_gpus) + " visible GPU(s) (CUDA_VISIBLE_DEVICES " +
+        mask_text(mine) + "). Start at most " + std::to_string(view.visible_gpus) +
         " ranks per node (mpirun --npernode N, srun --ntasks-per-node=N) or bind one GPU per task "
         "(srun --gpus-per-task=1).");
   }
@@ -148,26 +152,34 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define DIFFUSE_CUDA_CHECK(call)                                                                    \
-  do {                                                                                              \
-    cudaError_t diffuse_cuda_rc_ = (call);                                                          \
-    if (diffuse_cuda_rc_ != cudaSuccess) {                                                          \
+#define DIFFUSE_CUDA_CHECK(call)                                                                         \
+  do {                                                                                                   \
+    cudaError_t diffuse_cuda_rc_ = (call);                                                               \
+    if (diffuse_cuda_rc_ != cudaSuccess) {                                                               \
       throw std::runtime_error(std::string(#call) + " failed: " + cudaGetErrorString(diffuse_cuda_rc_) + \
-                               " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")");              \
-    }                                                                                               \
+                               " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")");                  \
+    }                                                                                                    \
   } while (0)
 
 ncclDataType_t nccl_type(torch::ScalarType type) {
   switch (type) {
-    case torch::kFloat: return ncclFloat32;
-    case torch::kDouble: return ncclFloat64;
-    case torch::kHalf: return ncclFloat16;
-    case torch::kBFloat16: return ncclBfloat16;
-    case torch::kInt: return ncclInt32;
-    case torch::kLong: return ncclInt64;
+    case torch::kFloat:
+      return ncclFloat32;
+    case torch::kDouble:
+      return ncclFloat64;
+    case torch::kHalf:
+      return ncclFloat16;
+    case torch::kBFloat16:
+      return ncclBfloat16;
+    case torch::kInt:
+      return ncclInt32;
+    case torch::kLong:
+      return ncclInt64;
     case torch::kByte:
-    case torch::kBool: return ncclUint8;
-    case torch::kChar: return ncclInt8;
+    case torch::kBool:
+      return ncclUint8;
+    case torch::kChar:
+      return ncclInt8;
     default:
       throw std::invalid_argument(std::string("NCCL communicator: unsupported dtype ") + c10::toString(type));
   }
@@ -175,10 +187,14 @@ ncclDataType_t nccl_type(torch::ScalarType type) {
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kAverage: return ncclAvg;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kAverage:
+      return ncclAvg;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
   }
   throw std::invalid_argument("NCCL communicator: unknown reduce op");
 }
@@ -192,7 +208,10 @@ std::string describe(const std::string& what, const torch::Tensor& tensor) {
 class NcclState {
  public:
   NcclState(const Context& ctx, torch::Device device, CommunicatorOptions options)
-      : device_(device), rank_(ctx.rank()), size_(ctx.world_size()), options_(options),
+      : device_(device),
+        rank_(ctx.rank()),
+        size_(ctx.world_size()),
+        options_(options),
         stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index())) {
     c10::cuda::CUDAGuard guard(device_);
     ncclUniqueId id;
@@ -215,7 +234,8 @@ class NcclState {
     c10::cuda::CUDAGuard guard(device_);
     // Flush outstanding work, then free; a peer gone missing here must not hang shutdown.
     ncclResult_t rc = ncclCommFinalize(comm_);
-    auto deadline = Clock::now() + std::min<std::chrono::milliseconds>(options_.timeout, std::chrono::seconds(30));
+    auto deadline =
+        Clock::now() + std::min<std::chrono::milliseconds>(options_.timeout, std::chrono::seconds(30));
     ncclResult_t state = rc;
     while (state == ncclInProgress && Clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
@@ -256,7 +276,8 @@ class NcclState {
     DIFFUSE_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream(), ready, 0));
     DIFFUSE_CUDA_CHECK(cudaEventDestroy(ready));  // released once the wait has been satisfied
     ncclResult_t rc = call(comm_, stream_.stream());
-    if (rc != ncclSuccess && rc != ncclInProgress) fail_locked("NCCL " + description + where() + " failed: " + ncclGetErrorString(rc));
+    if (rc != ncclSuccess && rc != ncclInProgress)
+      fail_locked("NCCL " + description + where() + " failed: " + ncclGetErrorString(rc));
     settle_locked("NCCL " + description, deadline);
     // The caching allocator must not hand these blocks to the compute stream until the
     // communication stream is done with them.
@@ -274,7 +295,8 @@ class NcclState {
   bool test(cudaEvent_t done, Clock::time_point deadline, const std::string& description) {
     std::lock_guard lock(mutex_);
     if (!broken_.empty()) {
-      throw std::runtime_error("NCCL " + description + where() + " failed: the communicator was aborted: " + broken_);
+      throw std::runtime_error("NCCL " + description + where() +
+                               " failed: the communicator was aborted: " + broken_);
     }
     cudaError_t status = cudaEventQuery(done);
     if (status == cudaSuccess) return true;
@@ -288,9 +310,10 @@ class NcclState {
                   " (" + ncclGetLastError(comm_) + ")");
     }
     if (Clock::now() > deadline) {
-      fail_locked("NCCL " + description + where() + " did not complete within " +
-                  std::to_string(options_.timeout.count()) +
-                  " ms: a peer rank died, is stuck, or issued a different collective. The communicator was aborted.");
+      fail_locked(
+          "NCCL " + description + where() + " did not complete within " +
+          std::to_string(options_.timeout.count()) +
+          " ms: a peer rank died, is stuck, or issued a different collective. The communicator was aborted.");
     }
     return false;
   }
@@ -312,7 +335,8 @@ class NcclState {
       ncclCommGetAsyncError(comm_, &state);
       if (state == ncclSuccess) return;
       if (state != ncclInProgress) {
-        fail_locked(what + where() + " failed: " + ncclGetErrorString(state) + " (" + ncclGetLastError(comm_) + ")");
+        fail_locked(what + where() + " failed: " + ncclGetErrorString(state) + " (" +
+                    ncclGetLastError(comm_) + ")");
       }
       if (Clock::now() > deadline) {
         fail_locked(what + where() + " did not finish within " + std::to_string(options_.timeout.count()) +
@@ -344,7 +368,9 @@ class NcclWork final : public Work {
  public:
   NcclWork(std::shared_ptr<NcclState> state, std::string description, std::vector<torch::Tensor> tensors,
            NcclState::Launched launched)
-      : state_(std::move(state)), description_(std::move(description)), tensors_(std::move(tensors)),
+      : state_(std::move(state)),
+        description_(std::move(description)),
+        tensors_(std::move(tensors)),
         launched_(launched) {}
   ~NcclWork() override { cudaEventDestroy(launched_.done); }
 
@@ -402,13 +428,16 @@ class NcclCommunicator final : public Communicator {
   std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override {
     std::string what = "all_reduce(" + to_string(op) + ")";
     check_cuda_tensor(tensor, device(), what);
-    if (!tensor.is_contiguous()) throw std::invalid_argument("NCCL " + what + ": the tensor must be contiguous");
-    if (tensor.scalar_type() == torch::kBool) throw std::invalid_argument("NCCL all_reduce of bool tensors is not supported");
+    if (!tensor.is_contiguous())
+      throw std::invalid_argument("NCCL " + what + ": the tensor must be contiguous");
+    if (tensor.scalar_type() == torch::kBool)
+      throw std::invalid_argument("NCCL all_reduce of bool tensors is not supported");
     auto type = nccl_type(tensor.scalar_type());
     auto reduction = nccl_op(op);
     std::string description = describe(what, tensor);
     auto launched = state_->launch(description, {tensor}, [&](ncclComm_t comm, cudaStream_t stream) {
-      return ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), type, reduction, comm, stream);
+      return ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), type, reduction, comm,
+                           stream);
     });
     return std::make_shared<NcclWork>(state_, description, std::vector<torch::Tensor>{tensor}, launched);
   }
@@ -416,7 +445,8 @@ class NcclCommunicator final : public Communicator {
   void broadcast(torch::Tensor& tensor, int root) override {
     std::string what = "broadcast(root " + std::to_string(root) + ")";
     check_cuda_tensor(tensor, device(), what);
-    if (!tensor.is_contiguous()) throw std::invalid_argument("NCCL " + what + ": the tensor must be contiguous");
+    if (!tensor.is_contiguous())
+      throw std::invalid_argument("NCCL " + what + ": the tensor must be contiguous");
     if (root < 0 || root >= size()) throw std::invalid_argument("NCCL " + what + ": root outside the world");
     auto type = nccl_type(tensor.scalar_type());
     std::string description = describe(what, tensor);
@@ -462,8 +492,8 @@ std::unique_ptr<Communicator> make_nccl_communicator(const Context& ctx, torch::
                                 std::to_string(options.timeout.count()) + " ms");
   }
   if (!device.is_cuda() || !device.has_index()) {
-    throw std::invalid_argument("make_nccl_communicator needs a CUDA device with an index (from select_device), got " +
-                                device.str());
+    throw std::invalid_argument(
+        "make_nccl_communicator needs a CUDA device with an index (from select_device), got " + device.str());
   }
   if (!torch::cuda::is_available()) {
     throw std::runtime_error("make_nccl_communicator on rank " + std::to_string(ctx.rank()) +
@@ -478,15 +508,17 @@ bool nccl_available() { return false; }
 
 torch::Device select_device(const Context& ctx, bool want_cuda) {
   if (!want_cuda) return torch::kCPU;
-  throw std::runtime_error("rank " + std::to_string(ctx.rank()) +
-                           ": CUDA was requested but this build of diffuse has no CUDA (DIFFUSE_WITH_CUDA=0); "
-                           "rebuild with a CUDA LibTorch and the CUDA toolkit, or train on the CPU");
+  throw std::runtime_error(
+      "rank " + std::to_string(ctx.rank()) +
+      ": CUDA was requested but this build of diffuse has no CUDA (DIFFUSE_WITH_CUDA=0); "
+      "rebuild with a CUDA LibTorch and the CUDA toolkit, or train on the CPU");
 }
 
 std::unique_ptr<Communicator> make_nccl_communicator(const Context& ctx, torch::Device, CommunicatorOptions) {
-  throw std::runtime_error("rank " + std::to_string(ctx.rank()) +
-                           ": the NCCL communicator is not in this build (DIFFUSE_WITH_CUDA=0); rebuild with a "
-                           "CUDA LibTorch and the CUDA toolkit, or use the MPI communicator");
+  throw std::runtime_error(
+      "rank " + std::to_string(ctx.rank()) +
+      ": the NCCL communicator is not in this build (DIFFUSE_WITH_CUDA=0); rebuild with a "
+      "CUDA LibTorch and the CUDA toolkit, or use the MPI communicator");
 }
 
 #endif

@@ -96,13 +96,16 @@ GradReducer::GradReducer(std::vector<torch::Tensor> parameters, Communicator& co
   std::set<const void*> seen;
   for (size_t i = 0; i < parameters.size(); ++i) {
     const auto& p = parameters[i];
-    if (!p.defined()) throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) + " is undefined");
+    if (!p.defined())
+      throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) + " is undefined");
     if (!p.requires_grad()) continue;
     if (!p.is_leaf()) {
-      throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) +
-                                  " is not a leaf tensor (pass the module's parameters, not results computed from them)");
+      throw std::invalid_argument(
+          "GradReducer: parameter " + std::to_string(i) +
+          " is not a leaf tensor (pass the module's parameters, not results computed from them)");
     }
-    if (p.is_sparse()) throw std::invalid_argument("GradReducer: sparse parameter " + std::to_string(i) + " unsupported");
+    if (p.is_sparse())
+      throw std::invalid_argument("GradReducer: sparse parameter " + std::to_string(i) + " unsupported");
     // A tied parameter listed twice has one gradient and one accumulator: reduce it once.
     if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
     params_.push_back(p);
@@ -113,7 +116,8 @@ GradReducer::GradReducer(std::vector<torch::Tensor> parameters, Communicator& co
     std::vector<int64_t> signature{static_cast<int64_t>(params_.size())};
     uint64_t hash = 0;
     for (const auto& p : params_) {
-      int64_t fields[3] = {p.numel(), static_cast<int64_t>(p.scalar_type()), static_cast<int64_t>(p.device().type())};
+      int64_t fields[3] = {p.numel(), static_cast<int64_t>(p.scalar_type()),
+                           static_cast<int64_t>(p.device().type())};
       hash = hash_bytes(fields, sizeof(fields), hash);
     }
     signature.push_back(static_cast<int64_t>(hash));
@@ -134,7 +138,8 @@ GradReducer::GradReducer(std::vector<torch::Tensor> parameters, Communicator& co
   for (size_t i = 0; i < params_.size(); ++i) {
     // The accumulator is held weakly by the parameter; keeping it here keeps the hook alive.
     auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
-    if (!accumulator) throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) + " has no grad accumulator");
+    if (!accumulator)
+      throw std::invalid_argument("GradReducer: parameter " + std::to_string(i) + " has no grad accumulator");
     uintptr_t key = accumulator->add_post_hook(std::make_unique<Hook>(this, i));
     hooks_.emplace_back(std::move(accumulator), key);
   }
@@ -185,9 +190,8 @@ void GradReducer::build_buckets(const std::vector<size_t>& order) {
   // Launch order follows the order the first gradient of each bucket is expected.
   std::vector<size_t> position(params_.size());
   for (size_t i = 0; i < order.size(); ++i) position[order[i]] = i;
-  std::stable_sort(groups.begin(), groups.end(), [&](const auto& a, const auto& b) {
-    return position[a.front()] < position[b.front()];
-  });
+  std::stable_sort(groups.begin(), groups.end(),
+                   [&](const auto& a, const auto& b) { return position[a.front()] < position[b.front()]; });
 
   std::vector<std::unique_ptr<Bucket>> buckets;
   locators_.assign(params_.size(), Locator{});
@@ -217,8 +221,11 @@ void GradReducer::build_buckets(const std::vector<size_t>& order) {
       locators_[bucket->params[slot]] = Locator{k, slot};
     }
     bool compress = options_.compress_dtype && c10::isFloatingType(first.scalar_type()) &&
-                    static_cast<int64_t>(c10::elementSize(*options_.compress_dtype)) < static_cast<int64_t>(first.element_size());
-    if (compress) bucket->transit = torch::empty({total}, first.options().dtype(*options_.compress_dtype).requires_grad(false));
+                    static_cast<int64_t>(c10::elementSize(*options_.compress_dtype)) <
+                        static_cast<int64_t>(first.element_size());
+    if (compress)
+      bucket->transit =
+          torch::empty({total}, first.options().dtype(*options_.compress_dtype).requires_grad(false));
     buckets.push_back(std::move(bucket));
   }
   buckets_ = std::move(buckets);
@@ -257,8 +264,9 @@ void GradReducer::rebuild_from_arrival_order() {
 void GradReducer::prepare_for_backward(bool sync) {
   std::lock_guard lock(mutex_);
   if (in_iteration_ && sync_) {
-    throw std::logic_error("GradReducer::prepare_for_backward() called again before finish() of the previous "
-                           "synchronising backward");
+    throw std::logic_error(
+        "GradReducer::prepare_for_backward() called again before finish() of the previous "
+        "synchronising backward");
   }
   in_iteration_ = true;
   sync_ = sync;
@@ -323,7 +331,8 @@ void GradReducer::mark_ready_locked(size_t index, bool from_hook) {
 
 void GradReducer::launch_ready_buckets_locked() {
   // Strictly in index order: every rank must issue the same collectives in the same order.
-  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_]->pending == 0) launch_locked(next_bucket_++);
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_]->pending == 0)
+    launch_locked(next_bucket_++);
 }
 
 void GradReducer::launch_locked(size_t k) {
@@ -400,7 +409,8 @@ void broadcast_tensors(const std::vector<torch::Tensor>& tensors, Communicator& 
   // One collective per dtype instead of one per tensor (hundreds for a U-Net).
   std::map<int, std::vector<size_t>> by_dtype;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!tensors[i].defined()) throw std::invalid_argument("broadcast_tensors: tensor " + std::to_string(i) + " is undefined");
+    if (!tensors[i].defined())
+      throw std::invalid_argument("broadcast_tensors: tensor " + std::to_string(i) + " is undefined");
     by_dtype[static_cast<int>(tensors[i].scalar_type())].push_back(i);
   }
   for (auto& [dtype, indices] : by_dtype) {
@@ -417,7 +427,8 @@ void broadcast_tensors(const std::vector<torch::Tensor>& tensors, Communicator& 
   }
 }
 
-void verify_identical(const std::vector<torch::Tensor>& tensors, Communicator& comm, const std::string& what) {
+void verify_identical(const std::vector<torch::Tensor>& tensors, Communicator& comm,
+                      const std::string& what) {
   auto options = torch::TensorOptions().dtype(torch::kLong);
   auto count = torch::tensor({static_cast<int64_t>(tensors.size())}, options).to(comm.device());
   auto [count_rank, ignored] = first_difference(comm.all_gather(count));

@@ -51,7 +51,7 @@ namespace diffuse::dist {
 
 /// Bucketing and transport settings of GradReducer.
 struct ReducerOptions {
-  double bucket_cap_mb = 25.0;       ///< target bucket size (MiB); a larger parameter gets a bucket of its own
+  double bucket_cap_mb = 25.0;  ///< target bucket size (MiB); a larger parameter gets a bucket of its own
   double first_bucket_cap_mb = 1.0;  ///< the first bucket(s), small so the first all-reduce starts early
   /// Gradients travel in this dtype (bfloat16 or float16), pre-divided by the world size; the
   /// result is cast back to the parameter dtype. Only applies to floating-point buckets wider
@@ -64,11 +64,11 @@ struct ReducerOptions {
 struct ReducerStats {
   double exposed_comm_seconds = 0;  ///< time finish() spent (communication not hidden behind backward)
   int64_t buckets = 0;
-  int64_t bytes = 0;  ///< bytes all-reduced by this rank (after compression)
+  int64_t bytes = 0;                        ///< bytes all-reduced by this rank (after compression)
   std::vector<double> bucket_launch_times;  ///< when each bucket's all-reduce started, by bucket index
   std::vector<double> bucket_done_times;    ///< when the reducer saw each bucket's all-reduce complete
-  double last_grad_ready_time = 0;  ///< the last gradient hook of the backward
-  double backward_end_time = 0;     ///< finish() was called (backward had returned)
+  double last_grad_ready_time = 0;          ///< the last gradient hook of the backward
+  double backward_end_time = 0;             ///< finish() was called (backward had returned)
   std::vector<int64_t> buckets_launched_in_backward;  ///< indices of buckets started before finish()
 };
 
@@ -124,7 +124,7 @@ class GradReducer {
   std::vector<Locator> locators_;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
 
-  std::mutex mutex_;  // hooks may run on autograd worker threads
+  std::mutex mutex_;           // hooks may run on autograd worker threads
   bool expect_hooks_ = false;  // inside a synchronising backward
   bool in_iteration_ = false;  // prepare_for_backward(true) called, finish() not yet
   bool sync_ = false;

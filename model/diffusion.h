@@ -9,12 +9,14 @@
 // CPU generator gives the same numbers whatever device the model runs on, and with the same seed
 // the samplers reproduce the reference's CPU samples exactly.
 //
-//   Unet unet(UnetOptions{});
-//   GaussianDiffusion diffusion(unet, DiffusionOptions{.image_size = 64});
+//   DiffusionOptions options;
+//   options.image_size = 64;
+//   GaussianDiffusion diffusion(Unet(UnetOptions{}), options);
 //   auto gen = at::make_generator<at::CPUGeneratorImpl>(/*seed=*/0);
 //   auto loss = diffusion->forward(images_in_0_1, gen);          // scalar, as the reference's forward
 //   loss.backward();
-//   auto images = diffusion->sample(16, SampleOptions{.sampler = "ddim", .steps = 100}, gen);
+//   SampleOptions sampling;                                       // DDIM, 50 steps, eta 0
+//   auto images = diffusion->sample(16, sampling, gen);           // [16, 3, 64, 64] in [0, 1]
 #pragma once
 
 #include <torch/torch.h>
@@ -109,7 +111,8 @@ class GaussianDiffusionImpl : public torch::nn::Module {
   /// From `generator`, in this order: offset noise [b, C] (when offset_noise_strength > 0), then the
   /// self-conditioning coin (when the U-Net self-conditions) as one uniform draw < 0.5. The reference
   /// flips that coin with Python's random.random() instead; this is the one deliberate deviation, so
-  /// a run is reproducible from one seed.
+  /// a run is reproducible from one seed. (Reading the coin is a host sync when the generator lives
+  /// on a GPU; a CPU generator avoids it.)
   torch::Tensor training_losses(const torch::Tensor& x_start, const torch::Tensor& t, const torch::Tensor& noise,
                                 torch::Generator generator);
   /// training_losses without randomness: offset noise already in `noise`, the self-conditioning coin

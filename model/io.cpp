@@ -527,16 +527,18 @@ SafetensorsFile load_safetensors(const std::filesystem::path& path) {
   auto fail = [&](const std::string& what) -> void {
     throw std::runtime_error("load_safetensors(" + path.string() + "): " + what);
   };
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) fail(std::string("cannot open the file: ") + std::strerror(errno));
+  if (!S_ISREG(info.st_mode)) fail("not a regular file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("cannot open the file");
-  struct stat info {};
-  if (::stat(path.c_str(), &info) != 0) fail(std::string("cannot read its size: ") + std::strerror(errno));
   const auto file_size = static_cast<uint64_t>(info.st_size);
   if (file_size < 8) {
     fail("the file is " + std::to_string(file_size) + " bytes, shorter than the 8-byte header length: not a safetensors file");
   }
   uint64_t header_size = 0;
   in.read(reinterpret_cast<char*>(&header_size), sizeof(header_size));
+  if (!in) fail("cannot read the header length");
   if (header_size > kSafetensorsMaxHeaderBytes) {
     fail("header length " + std::to_string(header_size) + " exceeds the limit of " +
          std::to_string(kSafetensorsMaxHeaderBytes) + " bytes: corrupt or not a safetensors file");

@@ -34,7 +34,7 @@ struct UnetOptions {
   bool random_fourier_features = false;
   int64_t learned_sinusoidal_dim = 16;
   double sinusoidal_pos_emb_theta = 10000;
-  double dropout = 0.0;
+  double dropout = 0.0;  ///< in each ResnetBlock's first Block; masks use torch's default generator
   std::vector<int64_t> attn_dim_head{32};  ///< one entry for all stages, or one per stage
   std::vector<int64_t> attn_heads{4};      ///< one entry for all stages, or one per stage
   /// Full (softmax) attention per stage; other stages use linear attention. Empty = the reference

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 
@@ -27,6 +28,16 @@ inline void expect_allclose(const torch::Tensor& a, const torch::Tensor& b, doub
   double worst = excess.max().item<double>();
   EXPECT_LE(worst, 0.0) << what << ": max |a-b| = " << (da - db).abs().max().item<double>()
                         << " beyond tolerance (rtol " << rtol << ", atol " << atol << ")";
+}
+
+/// The message of the exception `fn` throws, or "(no error)" when it returns normally.
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& error) {
+    return error.what();
+  }
+  return "(no error)";
 }
 
 /// A fresh directory under the system temp dir, removed when the object goes away.

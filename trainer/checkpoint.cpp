@@ -28,9 +28,11 @@
 
 #include "data/hdf5_tensors.h"
 #include "diffuse/build_config.h"
+#include "model/json.h"
 
 namespace diffuse::trainer {
 namespace fs = std::filesystem;
+namespace json = model::json;
 
 namespace {
 
@@ -281,291 +283,58 @@ std::string human_bytes(int64_t bytes) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// JSON: a writer for the manifest and a strict parser that reads it back (and anything a person
-// or Python's json module writes in its place).
+// JSON: written with model::json's quoting, read back with its strict parser (which also reads
+// anything a person or Python's json module writes in its place).
 
-std::string json_quote(const std::string& text) {
-  std::string out = "\"";
-  for (unsigned char c : text) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (c < 0x20 || c == 0x7f) {
-          char escaped[8];
-          std::snprintf(escaped, sizeof(escaped), "\\u%04x", c);
-          out += escaped;
-        } else {
-          out += static_cast<char>(c);
-        }
+/// Parses `text`, naming `source` and the byte offset of the problem when it is not valid JSON.
+json::Value parse_json(const std::string& text, const std::string& source) {
+  try {
+    return json::parse(text);
+  } catch (const std::invalid_argument& e) {
+    // model::json says "JSON error at byte N: problem"; keep its offset and problem.
+    const std::string what = e.what(), prefix = "JSON error ";
+    if (what.compare(0, prefix.size(), prefix) == 0) {
+      throw CheckpointError(source + ": invalid JSON " + what.substr(prefix.size()));
     }
+    throw CheckpointError(source + ": invalid JSON: " + what);
   }
-  return out + "\"";
 }
-
-struct Json {
-  enum class Kind { null, boolean, integer, number, string, array, object };
-  Kind kind = Kind::null;
-  bool boolean = false;
-  int64_t integer = 0;
-  double number = 0.0;
-  std::string string;
-  std::vector<Json> items;
-  std::vector<std::pair<std::string, Json>> members;  // in file order
-
-  const Json* find(const std::string& key) const {
-    for (const auto& [k, v] : members) {
-      if (k == key) return &v;
-    }
-    return nullptr;
-  }
-};
-
-class JsonParser {
- public:
-  JsonParser(const std::string& text, std::string source) : text_(text), source_(std::move(source)) {}
-
-  Json parse() {
-    Json value = parse_value(0);
-    skip_space();
-    if (pos_ != text_.size()) fail("unexpected text after the JSON value");
-    return value;
-  }
-
- private:
-  [[noreturn]] void fail(const std::string& what) const {
-    size_t line = 1, column = 1;
-    for (size_t i = 0; i < pos_ && i < text_.size(); ++i) {
-      if (text_[i] == '\n') {
-        ++line;
-        column = 1;
-      } else {
-        ++column;
-      }
-    }
-    throw CheckpointError(source_ + ": invalid JSON at line " + std::to_string(line) + ", column " +
-                          std::to_string(column) + ": " + what);
-  }
-
-  void skip_space() {
-    while (pos_ < text_.size() &&
-           (text_[pos_] == ' ' || text_[pos_] == '\n' || text_[pos_] == '\r' || text_[pos_] == '\t')) {
-      ++pos_;
-    }
-  }
-
-  char peek() {
-    skip_space();
-    if (pos_ >= text_.size()) fail("unexpected end of file");
-    return text_[pos_];
-  }
-
-  void expect(char c) {
-    if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++pos_;
-  }
-
-  bool consume_word(const char* word) {
-    size_t n = std::strlen(word);
-    if (text_.compare(pos_, n, word) != 0) return false;
-    pos_ += n;
-    return true;
-  }
-
-  Json parse_value(int depth) {
-    if (depth > 64) fail("nesting deeper than 64 levels");
-    Json value;
-    char c = peek();
-    if (c == '{') {
-      value.kind = Json::Kind::object;
-      ++pos_;
-      if (peek() == '}') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        if (peek() != '"') fail("expected a string key");
-        std::string key = parse_string();
-        expect(':');
-        value.members.emplace_back(std::move(key), parse_value(depth + 1));
-        char next = peek();
-        ++pos_;
-        if (next == '}') break;
-        if (next != ',') fail("expected ',' or '}'");
-      }
-    } else if (c == '[') {
-      value.kind = Json::Kind::array;
-      ++pos_;
-      if (peek() == ']') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        value.items.push_back(parse_value(depth + 1));
-        char next = peek();
-        ++pos_;
-        if (next == ']') break;
-        if (next != ',') fail("expected ',' or ']'");
-      }
-    } else if (c == '"') {
-      value.kind = Json::Kind::string;
-      value.string = parse_string();
-    } else if (consume_word("true")) {
-      value.kind = Json::Kind::boolean;
-      value.boolean = true;
-    } else if (consume_word("false")) {
-      value.kind = Json::Kind::boolean;
-    } else if (consume_word("null")) {
-      value.kind = Json::Kind::null;
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-      parse_number(value);
-    } else {
-      fail(std::string("unexpected character '") + c + "'");
-    }
-    return value;
-  }
-
-  void parse_number(Json& value) {
-    size_t start = pos_;
-    if (text_[pos_] == '-') ++pos_;
-    auto digits = [&] {
-      size_t first = pos_;
-      while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
-      if (pos_ == first) fail("malformed number");
-    };
-    digits();
-    bool integral = true;
-    if (pos_ < text_.size() && text_[pos_] == '.') {
-      integral = false;
-      ++pos_;
-      digits();
-    }
-    if (pos_ < text_.size() && (text_[pos_] == 'e' || text_[pos_] == 'E')) {
-      integral = false;
-      ++pos_;
-      if (pos_ < text_.size() && (text_[pos_] == '+' || text_[pos_] == '-')) ++pos_;
-      digits();
-    }
-    std::string literal = text_.substr(start, pos_ - start);
-    errno = 0;
-    if (integral) {
-      long long parsed = std::strtoll(literal.c_str(), nullptr, 10);
-      if (errno == ERANGE) fail("integer " + literal + " out of range");
-      value.kind = Json::Kind::integer;
-      value.integer = parsed;
-      value.number = static_cast<double>(parsed);
-    } else {
-      value.kind = Json::Kind::number;
-      value.number = std::strtod(literal.c_str(), nullptr);
-    }
-  }
-
-  unsigned parse_hex4() {
-    if (pos_ + 4 > text_.size()) fail("truncated \\u escape");
-    unsigned code = 0;
-    for (int i = 0; i < 4; ++i) {
-      char h = text_[pos_++];
-      code <<= 4;
-      if (h >= '0' && h <= '9') code |= static_cast<unsigned>(h - '0');
-      else if (h >= 'a' && h <= 'f') code |= static_cast<unsigned>(h - 'a' + 10);
-      else if (h >= 'A' && h <= 'F') code |= static_cast<unsigned>(h - 'A' + 10);
-      else fail("bad hex digit in \\u escape");
-    }
-    return code;
-  }
-
-  static void append_utf8(std::string& out, unsigned code) {
-    if (code < 0x80) {
-      out += static_cast<char>(code);
-    } else if (code < 0x800) {
-      out += static_cast<char>(0xc0 | (code >> 6));
-      out += static_cast<char>(0x80 | (code & 0x3f));
-    } else if (code < 0x10000) {
-      out += static_cast<char>(0xe0 | (code >> 12));
-      out += static_cast<char>(0x80 | ((code >> 6) & 0x3f));
-      out += static_cast<char>(0x80 | (code & 0x3f));
-    } else {
-      out += static_cast<char>(0xf0 | (code >> 18));
-      out += static_cast<char>(0x80 | ((code >> 12) & 0x3f));
-      out += static_cast<char>(0x80 | ((code >> 6) & 0x3f));
-      out += static_cast<char>(0x80 | (code & 0x3f));
-    }
-  }
-
-  std::string parse_string() {
-    ++pos_;  // the opening quote
-    std::string out;
-    while (true) {
-      if (pos_ >= text_.size()) fail("unterminated string");
-      char c = text_[pos_++];
-      if (c == '"') return out;
-      if (static_cast<unsigned char>(c) < 0x20) fail("control character inside a string");
-      if (c != '\\') {
-        out += c;
-        continue;
-      }
-      if (pos_ >= text_.size()) fail("unterminated escape");
-      char e = text_[pos_++];
-      switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
-        case 'u': {
-          unsigned code = parse_hex4();
-          if (code >= 0xd800 && code < 0xdc00) {  // a surrogate pair encodes one code point
-            if (text_.compare(pos_, 2, "\\u") != 0) fail("unpaired surrogate in \\u escape");
-            pos_ += 2;
-            unsigned low = parse_hex4();
-            if (low < 0xdc00 || low >= 0xe000) fail("bad low surrogate in \\u escape");
-            code = 0x10000 + ((code - 0xd800) << 10) + (low - 0xdc00);
-          }
-          append_utf8(out, code);
-          break;
-        }
-        default: fail(std::string("unknown escape '\\") + e + "'");
-      }
-    }
-  }
-
-  const std::string& text_;
-  std::string source_;
-  size_t pos_ = 0;
-};
 
 /// Typed access with errors that name the file and the key.
 class JsonReader {
  public:
   explicit JsonReader(std::string source) : source_(std::move(source)) {}
 
-  const Json& member(const Json& object, const std::string& key, Json::Kind kind, const char* kind_name,
-                     const std::string& where) const {
-    if (object.kind != Json::Kind::object) error(where + " is not an object");
-    const Json* value = object.find(key);
+  const json::Value& member(const json::Value& object, const std::string& key,
+                            const std::string& where) const {
+    if (object.type() != json::Value::Type::Object) error(where + " is not an object");
+    const json::Value* value = object.find(key);
     if (value == nullptr) error(where + " has no \"" + key + "\"");
-    if (value->kind != kind) error(where + "." + key + " is not " + kind_name);
     return *value;
   }
-  int64_t integer(const Json& o, const std::string& key, const std::string& where) const {
-    return member(o, key, Json::Kind::integer, "an integer", where).integer;
+  /// `read` applied to `value`, its type or range error reported as a CheckpointError about `what`.
+  template <typename T>
+  T as(const json::Value& value, T (json::Value::*read)() const, const std::string& what) const {
+    try {
+      return (value.*read)();
+    } catch (const std::invalid_argument& e) {
+      error(what + ": " + e.what());
+    }
   }
-  const std::string& string(const Json& o, const std::string& key, const std::string& where) const {
-    return member(o, key, Json::Kind::string, "a string", where).string;
+  int64_t integer(const json::Value& o, const std::string& key, const std::string& where) const {
+    return as(member(o, key, where), &json::Value::as_int64, where + "." + key);
   }
-  const Json& object(const Json& o, const std::string& key, const std::string& where) const {
-    return member(o, key, Json::Kind::object, "an object", where);
+  bool boolean(const json::Value& o, const std::string& key, const std::string& where) const {
+    return as(member(o, key, where), &json::Value::as_bool, where + "." + key);
   }
-  const Json& array(const Json& o, const std::string& key, const std::string& where) const {
-    return member(o, key, Json::Kind::array, "an array", where);
+  const std::string& string(const json::Value& o, const std::string& key, const std::string& where) const {
+    return as(member(o, key, where), &json::Value::as_string, where + "." + key);
+  }
+  const json::Object& object(const json::Value& o, const std::string& key, const std::string& where) const {
+    return as(member(o, key, where), &json::Value::as_object, where + "." + key);
+  }
+  const json::Array& array(const json::Value& o, const std::string& key, const std::string& where) const {
+    return as(member(o, key, where), &json::Value::as_array, where + "." + key);
   }
   [[noreturn]] void error(const std::string& what) const { throw CheckpointError(source_ + ": " + what); }
 
@@ -638,50 +407,50 @@ struct Manifest {
 };
 
 std::string tensor_entry_json(const TensorEntry& t) {
-  std::string json = "{\"kind\": " + json_quote(t.per_rank ? "per_rank" : "replicated");
-  if (t.per_rank) json += ", \"rank\": " + std::to_string(t.rank);
-  json +=
-      ", \"shard\": " + std::to_string(t.shard) + ", \"dtype\": " + json_quote(t.dtype) + ", \"shape\": [";
-  for (size_t i = 0; i < t.shape.size(); ++i) json += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return json + "], \"bytes\": " + std::to_string(t.bytes) + "}";
+  std::string out = "{\"kind\": " + json::quote(t.per_rank ? "per_rank" : "replicated");
+  if (t.per_rank) out += ", \"rank\": " + std::to_string(t.rank);
+  out +=
+      ", \"shard\": " + std::to_string(t.shard) + ", \"dtype\": " + json::quote(t.dtype) + ", \"shape\": [";
+  for (size_t i = 0; i < t.shape.size(); ++i) out += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return out + "], \"bytes\": " + std::to_string(t.bytes) + "}";
 }
 
 std::string shard_entry_json(const ShardEntry& s) {
-  return "{\"file\": " + json_quote(s.file) + ", \"rank\": " + std::to_string(s.rank) +
-         ", \"bytes\": " + std::to_string(s.bytes) + ", \"sha256\": " + json_quote(s.sha256) + "}";
+  return "{\"file\": " + json::quote(s.file) + ", \"rank\": " + std::to_string(s.rank) +
+         ", \"bytes\": " + std::to_string(s.bytes) + ", \"sha256\": " + json::quote(s.sha256) + "}";
 }
 
 std::string manifest_json(const Manifest& m) {
-  std::string json = "{\n";
-  json += "  \"format\": \"diffuse-checkpoint\",\n";
-  json += "  \"format_version\": " + std::to_string(m.format_version) + ",\n";
-  json += "  \"step\": " + std::to_string(m.step) + ",\n";
-  json += "  \"world_size\": " + std::to_string(m.world_size) + ",\n";
-  json += "  \"created\": " + json_quote(m.created) + ",\n";
-  json += "  \"diffuse_version\": " + json_quote(m.diffuse_version) + ",\n";
-  json += "  \"git_hash\": " + json_quote(m.git_hash) + ",\n";
-  json += "  \"metadata\": {";
+  std::string out = "{\n";
+  out += "  \"format\": \"diffuse-checkpoint\",\n";
+  out += "  \"format_version\": " + std::to_string(m.format_version) + ",\n";
+  out += "  \"step\": " + std::to_string(m.step) + ",\n";
+  out += "  \"world_size\": " + std::to_string(m.world_size) + ",\n";
+  out += "  \"created\": " + json::quote(m.created) + ",\n";
+  out += "  \"diffuse_version\": " + json::quote(m.diffuse_version) + ",\n";
+  out += "  \"git_hash\": " + json::quote(m.git_hash) + ",\n";
+  out += "  \"metadata\": {";
   for (size_t i = 0; i < m.metadata.size(); ++i) {
-    json += (i ? ",\n    " : "\n    ") + json_quote(m.metadata[i].first) + ": " +
-            json_quote(m.metadata[i].second);
+    out += (i ? ",\n    " : "\n    ") + json::quote(m.metadata[i].first) + ": " +
+            json::quote(m.metadata[i].second);
   }
-  json += m.metadata.empty() ? "},\n" : "\n  },\n";
-  json += "  \"config\": " + json_quote(m.config) + ",\n";
-  json += "  \"shards\": [";
+  out += m.metadata.empty() ? "},\n" : "\n  },\n";
+  out += "  \"config\": " + json::quote(m.config) + ",\n";
+  out += "  \"shards\": [";
   for (size_t i = 0; i < m.shards.size(); ++i) {
-    json += (i ? ",\n    " : "\n    ") + shard_entry_json(m.shards[i]);
+    out += (i ? ",\n    " : "\n    ") + shard_entry_json(m.shards[i]);
   }
-  json += "\n  ],\n";
-  json += "  \"tensors\": {";
+  out += "\n  ],\n";
+  out += "  \"tensors\": {";
   for (size_t i = 0; i < m.tensors.size(); ++i) {
-    json +=
-        (i ? ",\n    " : "\n    ") + json_quote(m.tensors[i].name) + ": " + tensor_entry_json(m.tensors[i]);
+    out +=
+        (i ? ",\n    " : "\n    ") + json::quote(m.tensors[i].name) + ": " + tensor_entry_json(m.tensors[i]);
   }
-  json += m.tensors.empty() ? "}\n" : "\n  }\n";
-  return json + "}\n";
+  out += m.tensors.empty() ? "}\n" : "\n  }\n";
+  return out + "}\n";
 }
 
-TensorEntry parse_tensor_entry(const JsonReader& r, const std::string& name, const Json& j) {
+TensorEntry parse_tensor_entry(const JsonReader& r, const std::string& name, const json::Value& j) {
   std::string where = "tensor \"" + name + "\"";
   TensorEntry t;
   t.name = name;
@@ -691,15 +460,16 @@ TensorEntry parse_tensor_entry(const JsonReader& r, const std::string& name, con
   if (t.per_rank) t.rank = static_cast<int>(r.integer(j, "rank", where));
   t.shard = static_cast<int>(r.integer(j, "shard", where));
   t.dtype = r.string(j, "dtype", where);
-  for (const Json& d : r.array(j, "shape", where).items) {
-    if (d.kind != Json::Kind::integer || d.integer < 0) r.error(where + " has a bad shape");
-    t.shape.push_back(d.integer);
+  for (const json::Value& d : r.array(j, "shape", where)) {
+    const int64_t size = r.as(d, &json::Value::as_int64, where + " has a bad shape");
+    if (size < 0) r.error(where + " has a bad shape: " + std::to_string(size));
+    t.shape.push_back(size);
   }
   t.bytes = r.integer(j, "bytes", where);
   return t;
 }
 
-ShardEntry parse_shard_entry(const JsonReader& r, const Json& j, const std::string& where) {
+ShardEntry parse_shard_entry(const JsonReader& r, const json::Value& j, const std::string& where) {
   ShardEntry s;
   s.file = r.string(j, "file", where);
   s.rank = static_cast<int>(r.integer(j, "rank", where));
@@ -711,18 +481,19 @@ ShardEntry parse_shard_entry(const JsonReader& r, const Json& j, const std::stri
 /// Parses and checks a manifest: everything later code relies on (shard count, names, ranges) is
 /// verified here, so a damaged or hand-edited manifest fails with a message, not a crash.
 Manifest parse_manifest(const std::string& text, const std::string& source) {
-  Json root = JsonParser(text, source).parse();
+  const json::Value root = parse_json(text, source);
   JsonReader r(source);
   Manifest m;
-  if (root.kind != Json::Kind::object) r.error("the manifest is not a JSON object");
+  if (root.type() != json::Value::Type::Object) r.error("the manifest is not a JSON object");
   if (r.string(root, "format", "manifest") != "diffuse-checkpoint") {
     r.error("\"format\" is not \"diffuse-checkpoint\"");
   }
   m.format_version = r.integer(root, "format_version", "manifest");
   if (m.format_version != kFormatVersion) {
+    const json::Value* writer = root.find("diffuse_version");
     r.error("format_version " + std::to_string(m.format_version) + " is not the one this build reads (" +
             std::to_string(kFormatVersion) + "); use the diffuse version that wrote it (" +
-            (root.find("diffuse_version") ? root.find("diffuse_version")->string : "?") + ")");
+            (writer && writer->type() == json::Value::Type::String ? writer->as_string() : "?") + ")");
   }
   m.step = r.integer(root, "step", "manifest");
   int64_t world = r.integer(root, "world_size", "manifest");
@@ -732,18 +503,17 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   m.diffuse_version = r.string(root, "diffuse_version", "manifest");
   m.git_hash = r.string(root, "git_hash", "manifest");
   m.config = r.string(root, "config", "manifest");
-  for (const auto& [key, value] : r.object(root, "metadata", "manifest").members) {
-    if (value.kind != Json::Kind::string) r.error("metadata \"" + key + "\" is not a string");
-    m.metadata.emplace_back(key, value.string);
+  for (const auto& [key, value] : r.object(root, "metadata", "manifest")) {
+    m.metadata.emplace_back(key, r.as(value, &json::Value::as_string, "metadata \"" + key + "\""));
   }
-  const Json& shards = r.array(root, "shards", "manifest");
-  if (static_cast<int64_t>(shards.items.size()) != world) {
-    r.error("lists " + std::to_string(shards.items.size()) + " shards for world_size " +
+  const json::Array& shards = r.array(root, "shards", "manifest");
+  if (static_cast<int64_t>(shards.size()) != world) {
+    r.error("lists " + std::to_string(shards.size()) + " shards for world_size " +
             std::to_string(world));
   }
-  for (size_t i = 0; i < shards.items.size(); ++i) {
+  for (size_t i = 0; i < shards.size(); ++i) {
     std::string where = "shards[" + std::to_string(i) + "]";
-    ShardEntry s = parse_shard_entry(r, shards.items[i], where);
+    ShardEntry s = parse_shard_entry(r, shards[i], where);
     if (s.rank != static_cast<int>(i) || s.file != shard_file_name(s.rank, m.world_size)) {
       r.error(where + " is \"" + s.file + "\" of rank " + std::to_string(s.rank) + ", expected \"" +
               shard_file_name(static_cast<int>(i), m.world_size) + "\"");
@@ -753,11 +523,10 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     if (!hex || s.bytes < 0) r.error(where + " has a malformed size or sha256");
     m.shards.push_back(std::move(s));
   }
-  std::set<std::string> seen;
-  for (const auto& [name, value] : r.object(root, "tensors", "manifest").members) {
+  // Tensor names are unique: the parser rejects duplicate keys.
+  for (const auto& [name, value] : r.object(root, "tensors", "manifest")) {
     TensorEntry t = parse_tensor_entry(r, name, value);
     std::string where = "tensor \"" + name + "\"";
-    if (!seen.insert(name).second) r.error(where + " is listed twice");
     if (t.shard < 0 || t.shard >= m.world_size) {
       r.error(where + " is in shard " + std::to_string(t.shard) + " of " + std::to_string(m.world_size));
     }
@@ -901,7 +670,7 @@ std::string write_shard(const fs::path& tmp, const CheckpointContents& c, int ra
     TensorEntry e{.name = per_rank_prefix(rank) + name, .per_rank = true, .rank = rank, .shard = rank,
                   .dtype = dtype_name(tensor.scalar_type()), .shape = tensor.sizes().vec(),
                   .bytes = tensor_bytes(tensor)};
-    entries += (entries.empty() ? "" : ", ") + json_quote(e.name) + ": " + tensor_entry_json(e);
+    entries += (entries.empty() ? "" : ", ") + json::quote(e.name) + ": " + tensor_entry_json(e);
     tensors.emplace_back(e.name, tensor.detach().to(torch::kCPU).contiguous());
   }
   fs::path path = tmp / shard_file_name(rank, world_size);
@@ -992,10 +761,10 @@ SavedCheckpoint publish(const fs::path& dir, const fs::path& tmp, const Checkpoi
   }
   JsonReader reader("shard record");
   for (int r = 0; r < world_size; ++r) {
-    Json record =
-        JsonParser(records[static_cast<size_t>(r)], "shard record of rank " + std::to_string(r)).parse();
-    m.shards.push_back(parse_shard_entry(reader, reader.object(record, "shard", "record"), "record.shard"));
-    for (const auto& [name, value] : reader.object(record, "tensors", "record").members) {
+    const json::Value record =
+        parse_json(records[static_cast<size_t>(r)], "shard record of rank " + std::to_string(r));
+    m.shards.push_back(parse_shard_entry(reader, reader.member(record, "shard", "record"), "record.shard"));
+    for (const auto& [name, value] : reader.object(record, "tensors", "record")) {
       m.tensors.push_back(parse_tensor_entry(reader, name, value));
     }
   }
@@ -1108,25 +877,29 @@ struct LoadPlan {
 };
 
 std::string plan_to_json(const LoadPlan& plan, const std::string& error) {
-  std::string json = "{\"error\": " + json_quote(error) +
+  std::string out = "{\"error\": " + json::quote(error) +
                      ", \"explicit\": " + (plan.explicit_dir ? "true" : "false") + ", \"dirs\": [";
   for (size_t i = 0; i < plan.dirs.size(); ++i) {
-    json += (i ? ", " : "") + json_quote(fs::absolute(plan.dirs[i]).lexically_normal().string());
+    out += (i ? ", " : "") + json::quote(fs::absolute(plan.dirs[i]).lexically_normal().string());
   }
-  json += "], \"warnings\": [";
-  for (size_t i = 0; i < plan.warnings.size(); ++i) json += (i ? ", " : "") + json_quote(plan.warnings[i]);
-  return json + "]}";
+  out += "], \"warnings\": [";
+  for (size_t i = 0; i < plan.warnings.size(); ++i) out += (i ? ", " : "") + json::quote(plan.warnings[i]);
+  return out + "]}";
 }
 
 LoadPlan plan_from_json(const std::string& text) {
-  Json j = JsonParser(text, "load plan").parse();
+  const json::Value j = parse_json(text, "load plan");
   JsonReader r("load plan");
   const std::string& error = r.string(j, "error", "plan");
   if (!error.empty()) throw CheckpointError(error);
   LoadPlan plan;
-  plan.explicit_dir = r.member(j, "explicit", Json::Kind::boolean, "a boolean", "plan").boolean;
-  for (const Json& d : r.array(j, "dirs", "plan").items) plan.dirs.emplace_back(d.string);
-  for (const Json& w : r.array(j, "warnings", "plan").items) plan.warnings.push_back(w.string);
+  plan.explicit_dir = r.boolean(j, "explicit", "plan");
+  for (const json::Value& d : r.array(j, "dirs", "plan")) {
+    plan.dirs.emplace_back(r.as(d, &json::Value::as_string, "plan.dirs"));
+  }
+  for (const json::Value& w : r.array(j, "warnings", "plan")) {
+    plan.warnings.push_back(r.as(w, &json::Value::as_string, "plan.warnings"));
+  }
   return plan;
 }
 
@@ -1440,7 +1213,7 @@ CheckpointSummary describe_checkpoint(const fs::path& path, bool verify_hashes) 
       // One line each: values with line breaks or quotes are shown JSON-escaped.
       bool plain = std::none_of(value.begin(), value.end(),
                                 [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == '"'; });
-      out << "  " << key << ": " << (plain ? value : json_quote(value)) << "\n";
+      out << "  " << key << ": " << (plain ? value : json::quote(value)) << "\n";
     }
   }
   int64_t replicated = 0, replicated_bytes = 0, per_rank = 0, per_rank_bytes = 0;

@@ -34,6 +34,7 @@ std::string grouped(int64_t value) {
 
 std::string duration_text(double seconds) {
   if (!std::isfinite(seconds)) return "?";
+  if (seconds < 10) return fmt::format("{:.1f}s", seconds);
   auto s = static_cast<int64_t>(std::llround(seconds));
   if (s < 60) return fmt::format("{}s", s);
   if (s < 3600) return fmt::format("{}m{:02}s", s / 60, s % 60);

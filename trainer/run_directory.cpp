@@ -1,13 +1,16 @@
 #include "trainer/run_directory.h"
 
 #include <cmath>
-#include <cstdio>
 #include <iomanip>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
 
+#include "model/json.h"
+
 namespace diffuse::trainer {
+
+namespace json = model::json;
 
 std::string step_name(int64_t step) {
   std::ostringstream name;
@@ -23,28 +26,6 @@ void RunDirectory::create() const {
     std::filesystem::create_directories(dir, error);
     if (error) throw std::runtime_error("cannot create run directory " + dir.string() + ": " + error.message());
   }
-}
-
-std::string json_escape(const std::string& text) {
-  std::string out;
-  for (char c : text) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buffer[8];
-          std::snprintf(buffer, sizeof(buffer), "\\u%04x", c);
-          out += buffer;
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
 }
 
 MetricsLogger::MetricsLogger(std::filesystem::path path) : path_(std::move(path)) {}
@@ -77,7 +58,7 @@ void MetricsLogger::write(const std::vector<std::pair<std::string, double>>& num
   line << "{";
   bool first = true;
   for (const auto& [key, value] : numbers) {
-    line << (first ? "" : ", ") << "\"" << json_escape(key) << "\": ";
+    line << (first ? "" : ", ") << json::quote(key) << ": ";
     if (std::isfinite(value)) {
       line << std::setprecision(std::abs(value - std::round(value)) < 1e-12 && std::abs(value) < 1e15 ? 15 : 7) << value;
     } else {
@@ -86,7 +67,7 @@ void MetricsLogger::write(const std::vector<std::pair<std::string, double>>& num
     first = false;
   }
   for (const auto& [key, value] : strings) {
-    line << (first ? "" : ", ") << "\"" << json_escape(key) << "\": \"" << json_escape(value) << "\"";
+    line << (first ? "" : ", ") << json::quote(key) << ": " << json::quote(value);
     first = false;
   }
   line << "}\n";

@@ -50,7 +50,4 @@ class MetricsLogger {
   std::filesystem::path path_;
 };
 
-/// Escapes a string for a JSON string literal (without the quotes).
-std::string json_escape(const std::string& text);
-
 }  // namespace diffuse::trainer

@@ -222,6 +222,7 @@ struct Trainer::State {
   int64_t images_since_log = 0;
   Clock::time_point log_clock = Clock::now();
   double last_logged_loss = NAN;
+  StepProfile* profile = nullptr;  ///< set by profile_steps(): train_step syncs and times its phases
 
   void setup();
   void restore(const LoadedCheckpoint& checkpoint);
@@ -229,6 +230,8 @@ struct Trainer::State {
   void save_checkpoint();
   void train_step();  ///< one optimizer step; an allocation failure becomes a message naming rank and batch
   void forward_backward_update();
+  /// Profiling only: waits for the device, then returns the seconds since `mark` and resets it.
+  double lap(Clock::time_point& mark);
   void adamw_step(double learning_rate);
   void log_step(double elapsed);
   void sample_grid();
@@ -324,6 +327,16 @@ void Trainer::State::adamw_step(double learning_rate) {
                     /*found_inf=*/c10::nullopt);
 }
 
+double Trainer::State::lap(Clock::time_point& mark) {
+#if DIFFUSE_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::device_synchronize();
+#endif
+  auto now = Clock::now();
+  double seconds = std::chrono::duration<double>(now - mark).count();
+  mark = now;
+  return seconds;
+}
+
 void Trainer::State::train_step() {
   // Out of memory surfaces deep inside forward or backward with only the allocator's message;
   // the user needs to know which rank and which setting to change.
@@ -345,11 +358,14 @@ void Trainer::State::train_step() {
 void Trainer::State::forward_backward_update() {
   const auto& t = config.train;
   diffusion->train();
+  auto step_start = Clock::now();
+  auto mark = step_start;
   auto quartile_width = static_cast<double>(config.diffusion.timesteps) / 4.0;
   for (int64_t micro = 0; micro < t.accumulate; ++micro) {
     auto wait_start = Clock::now();
     data::Batch batch = loader->next();
     data_wait += seconds_since(wait_start);
+    if (profile) profile->data_wait += lap(mark);
     auto x = batch.images;
     if (device.is_cuda() && t.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
     int64_t b = x.size(0);
@@ -363,7 +379,9 @@ void Trainer::State::forward_backward_update() {
       losses = diffusion->training_losses(x, draw.t, noise, generator);
     }
     auto loss = (losses.to(torch::kFloat32) * draw.weights).mean() / static_cast<double>(t.accumulate);
+    if (profile) profile->forward += lap(mark);
     scaler.scale(loss).backward();
+    if (profile) profile->backward += lap(mark);
 
     auto detached = losses.detach().to(torch::kFloat32);
     loss_sum += detached.sum();
@@ -374,9 +392,15 @@ void Trainer::State::forward_backward_update() {
       sampler.update(comm->all_gather(draw.t).reshape(-1), comm->all_gather(detached).reshape(-1));
     }
     images_since_log += b * ctx.world_size();
+    if (profile) profile->images += b;
   }
+  if (profile) lap(mark);  // loss bookkeeping: counted in total only
   reducer->finish();
   exposed_comm += reducer->last_stats().exposed_comm_seconds;
+  if (profile) {
+    lap(mark);
+    profile->exposed_comm = reducer->last_stats().exposed_comm_seconds;
+  }
 
   std::vector<torch::Tensor> grads;
   for (auto& p : params) grads.push_back(p.grad());
@@ -388,7 +412,12 @@ void Trainer::State::forward_backward_update() {
   }
   scaler.update(skip);
   torch::_foreach_zero_(grads);
+  if (profile) profile->optimizer = lap(mark);
   ema->update();
+  if (profile) {
+    profile->ema = lap(mark);
+    profile->total = lap(step_start);
+  }
   ++step;
 }
 
@@ -573,6 +602,19 @@ Trainer::Trainer(const dist::Context& ctx, Config config, RunOptions options) {
 }
 
 Trainer::~Trainer() = default;
+
+std::vector<StepProfile> Trainer::profile_steps(int64_t steps) {
+  auto& s = *state_;
+  s.config.validate();
+  s.setup();
+  std::vector<StepProfile> profiles(static_cast<size_t>(std::max<int64_t>(steps, 0)));
+  for (auto& profile : profiles) {
+    s.profile = &profile;
+    s.train_step();
+  }
+  s.profile = nullptr;
+  return profiles;
+}
 
 int Trainer::run() {
   auto& s = *state_;

@@ -10,20 +10,21 @@
 // nccl-tests do: time per operation (slowest rank), algbw = bytes / time and
 // busbw = algbw * 2(n-1)/n, the bandwidth a ring all-reduce needs on each link.
 //
-// Part 2, overlap: one training step (forward + backward) of a ~35.7 M-parameter convolutional
-// network, the size of the default U-Net, measured three ways on every rank:
+// Part 2, overlap: one training step (forward + backward) of the default U-Net, measured three
+// ways on every rank:
 //   compute  forward + backward, no communication
 //   reducer  forward + backward with GradReducer (buckets all-reduce during backward) + finish()
 //   comm     the same buckets all-reduced back to back with nothing else running
 // exposed = reducer - compute is the communication the step still waits for; hidden share =
-// 1 - exposed / comm. The network is a stand-in for model/unet.h (not yet available to dist):
-// the same parameter count and channel widths (64..512), many layers, so the bucket structure
-// and the compute/communication ratio are representative.
+// 1 - exposed / comm. The network is the default U-Net of model/unet.h (35.7 M parameters) when
+// the model library is part of the build; otherwise a stand-in convolution stack with the same
+// parameter count and channel widths (64..512), so the bucket structure is the same.
 #include <mpi.h>
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -32,6 +33,14 @@
 #include "dist/communicator.h"
 #include "dist/context.h"
 #include "dist/reducer.h"
+
+// A header check, not a compile definition: every target shares one precompiled header.
+#if __has_include("model/unet.h")
+#include "model/unet.h"
+#define DIFFUSE_BENCH_HAS_UNET 1
+#else
+#define DIFFUSE_BENCH_HAS_UNET 0
+#endif
 
 namespace {
 
@@ -50,15 +59,19 @@ struct Options {
   int64_t image = 32;
   int steps = 6;
   int warmup = 2;
-  int threads = 0;  // intra-op threads per rank; 0: cores / ranks on the node
+  int threads = 0;             // intra-op threads per rank; 0: cores / ranks on the node
   int64_t poll_sleep_us = -1;  // CommunicatorOptions::mpi_max_poll_sleep; -1: its default
+  std::string json;            // also write the figures to this JSON file (rank 0)
 };
+
+// JSON rows of the two parts, written by main() when --json is given.
+std::vector<std::string> json_bandwidth, json_overlap;
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "allreduce_bench: " << problem << "\n"
             << "options: --min-bytes N --max-bytes N --seconds-per-size S --skip-bandwidth --skip-overlap\n"
             << "         --backend mpi|nccl --progress thread|caller|both --batch N --image N --steps N\n"
-            << "         --warmup N --threads N --poll-sleep-us N" << std::endl;
+            << "         --warmup N --threads N --poll-sleep-us N --json FILE" << std::endl;
   std::exit(2);
 }
 
@@ -70,22 +83,38 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) usage(flag + " needs a value");
       return argv[++i];
     };
-    if (flag == "--min-bytes") options.min_bytes = std::stoll(value());
-    else if (flag == "--max-bytes") options.max_bytes = std::stoll(value());
-    else if (flag == "--seconds-per-size") options.seconds_per_size = std::stod(value());
-    else if (flag == "--skip-bandwidth") options.bandwidth = false;
-    else if (flag == "--skip-overlap") options.overlap = false;
-    else if (flag == "--backend") options.backend = value();
+    if (flag == "--min-bytes")
+      options.min_bytes = std::stoll(value());
+    else if (flag == "--max-bytes")
+      options.max_bytes = std::stoll(value());
+    else if (flag == "--seconds-per-size")
+      options.seconds_per_size = std::stod(value());
+    else if (flag == "--skip-bandwidth")
+      options.bandwidth = false;
+    else if (flag == "--skip-overlap")
+      options.overlap = false;
+    else if (flag == "--backend")
+      options.backend = value();
     else if (flag == "--progress") {
       std::string mode = value();
-      options.progress = mode == "both" ? std::vector<std::string>{"thread", "caller"} : std::vector<std::string>{mode};
-    } else if (flag == "--batch") options.batch = std::stoll(value());
-    else if (flag == "--image") options.image = std::stoll(value());
-    else if (flag == "--steps") options.steps = std::stoi(value());
-    else if (flag == "--warmup") options.warmup = std::stoi(value());
-    else if (flag == "--threads") options.threads = std::stoi(value());
-    else if (flag == "--poll-sleep-us") options.poll_sleep_us = std::stoll(value());
-    else usage("unknown option " + flag);
+      options.progress =
+          mode == "both" ? std::vector<std::string>{"thread", "caller"} : std::vector<std::string>{mode};
+    } else if (flag == "--batch")
+      options.batch = std::stoll(value());
+    else if (flag == "--image")
+      options.image = std::stoll(value());
+    else if (flag == "--steps")
+      options.steps = std::stoi(value());
+    else if (flag == "--warmup")
+      options.warmup = std::stoi(value());
+    else if (flag == "--threads")
+      options.threads = std::stoi(value());
+    else if (flag == "--json")
+      options.json = value();
+    else if (flag == "--poll-sleep-us")
+      options.poll_sleep_us = std::stoll(value());
+    else
+      usage("unknown option " + flag);
   }
   if (options.backend != "mpi" && options.backend != "nccl") usage("--backend must be mpi or nccl");
   for (const auto& mode : options.progress) {
@@ -132,9 +161,11 @@ void bandwidth(const dist::Context& ctx, const Options& options,
   const int n = ctx.world_size();
   const double bus = n > 1 ? 2.0 * (n - 1) / n : 1.0;
   if (ctx.is_root()) {
-    std::printf("\n# all-reduce (sum, float32), %d ranks; time of the slowest rank; busbw = algbw * 2(n-1)/n\n", n);
+    std::printf(
+        "\n# all-reduce (sum, float32), %d ranks; time of the slowest rank; busbw = algbw * 2(n-1)/n\n", n);
     std::printf("%10s", "size");
-    for (const auto& [name, comm] : comms) std::printf(" | %-30s", (name + ": us, algbw, busbw GB/s").c_str());
+    for (const auto& [name, comm] : comms)
+      std::printf(" | %-30s", (name + ": us, algbw, busbw GB/s").c_str());
     if (options.backend == "mpi") std::printf(" | %-30s", "raw MPI_Allreduce");
     std::printf("\n");
   }
@@ -143,17 +174,22 @@ void bandwidth(const dist::Context& ctx, const Options& options,
   for (int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= 4) {
     int64_t numel = bytes / 4;
     std::string line;
+    std::string row = "{\"bytes\": " + std::to_string(bytes);
     char cell[96];
+    std::string column;
     auto add = [&](double seconds) {
       double algbw = bytes / seconds / 1e9;
+      row += ", \"" + column + "_busbw_gbs\": " + std::to_string(algbw * bus);
       std::snprintf(cell, sizeof(cell), " | %9.1f %9.3f %9.3f  ", seconds * 1e6, algbw, algbw * bus);
       line += cell;
     };
     for (auto& [name, comm] : comms) {
+      column = name;
       auto tensor = torch::ones({numel}, torch::TensorOptions().device(comm->device()));
       add(time_per_op([&] { comm->all_reduce(tensor, dist::ReduceOp::kSum); }, options.seconds_per_size));
     }
     if (options.backend == "mpi") {
+      column = "raw_mpi";
       auto tensor = torch::ones({numel});
       add(time_per_op(
           [&] {
@@ -161,6 +197,7 @@ void bandwidth(const dist::Context& ctx, const Options& options,
           },
           options.seconds_per_size));
     }
+    json_bandwidth.push_back(row + "}");
     if (ctx.is_root()) std::printf("%10s%s\n", human(bytes).c_str(), line.c_str());
     std::fflush(stdout);
   }
@@ -182,7 +219,8 @@ struct StandIn : torch::nn::Module {
       block->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, widths[level], 3).padding(1)));
       block->push_back(torch::nn::SiLU());
       for (int i = 0; i < 1 + extra[level]; ++i) {
-        block->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
+        block->push_back(
+            torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
         block->push_back(torch::nn::SiLU());
       }
       down.push_back(register_module("down" + std::to_string(level), block));
@@ -196,10 +234,12 @@ struct StandIn : torch::nn::Module {
     middle = register_module("middle", mid);
     for (size_t level = widths.size(); level-- > 0;) {
       auto block = torch::nn::Sequential();
-      block->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(channels + widths[level], widths[level], 3).padding(1)));
+      block->push_back(
+          torch::nn::Conv2d(torch::nn::Conv2dOptions(channels + widths[level], widths[level], 3).padding(1)));
       block->push_back(torch::nn::SiLU());
       for (int i = 0; i < 1 + extra[level]; ++i) {
-        block->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
+        block->push_back(
+            torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
         block->push_back(torch::nn::SiLU());
       }
       up.push_back(register_module("up" + std::to_string(level), block));
@@ -230,14 +270,40 @@ struct StandIn : torch::nn::Module {
   std::vector<torch::nn::Sequential> down, up;
 };
 
-void overlap(const dist::Context& ctx, const Options& options, dist::Communicator& comm, const std::string& label) {
+/// The network of the overlap measurement and how to run it forward.
+struct Network {
+  std::shared_ptr<torch::nn::Module> module;
+  std::function<torch::Tensor(const torch::Tensor&)> forward;
+};
+
+Network make_network(const Options& options, torch::Device device) {
   torch::manual_seed(0);
-  auto model = std::make_shared<StandIn>();
-  model->to(comm.device());
+#if DIFFUSE_BENCH_HAS_UNET
+  model::Unet unet{model::UnetOptions{}};
+  unet->to(device);
+  auto time =
+      torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  return {unet.ptr(), [unet, time](const torch::Tensor& x) mutable { return unet->forward(x, time); }};
+#else
+  auto standin = std::make_shared<StandIn>();
+  standin->to(device);
+  return {standin, [standin](const torch::Tensor& x) { return standin->forward(x); }};
+#endif
+}
+
+const char* network_name() {
+  return DIFFUSE_BENCH_HAS_UNET ? "the default U-Net" : "the stand-in for the U-Net";
+}
+
+void overlap(const dist::Context& ctx, const Options& options, dist::Communicator& comm,
+             const std::string& label) {
+  auto network = make_network(options, comm.device());
+  auto model = network.module;
   int64_t parameters = 0;
   for (const auto& p : model->parameters()) parameters += p.numel();
   dist::broadcast_tensors(model->parameters(), comm);
-  auto x = torch::randn({options.batch, 3, options.image, options.image}, torch::TensorOptions().device(comm.device()));
+  auto x = torch::randn({options.batch, 3, options.image, options.image},
+                        torch::TensorOptions().device(comm.device()));
   auto target = torch::randn_like(x);
   auto zero_grads = [&] {
     for (auto& p : model->parameters()) {
@@ -247,7 +313,7 @@ void overlap(const dist::Context& ctx, const Options& options, dist::Communicato
   auto step = [&](dist::GradReducer* reducer) {
     zero_grads();
     if (reducer) reducer->prepare_for_backward(true);
-    torch::mse_loss(model->forward(x), target).backward();
+    torch::mse_loss(network.forward(x), target).backward();
     if (reducer) reducer->finish();
     if (comm.device().is_cuda()) torch::cuda::synchronize();
   };
@@ -299,6 +365,10 @@ void overlap(const dist::Context& ctx, const Options& options, dist::Communicato
   });
   double exposed = std::max(0.0, with_reducer - compute);
   double hidden = comm_only > 0 ? std::clamp(1.0 - exposed / comm_only, 0.0, 1.0) : 0.0;
+  json_overlap.push_back("{\"comm\": \"" + label + "\", \"compute_s\": " + std::to_string(compute) +
+                         ", \"with_reducer_s\": " + std::to_string(with_reducer) + ", \"comm_only_s\": " +
+                         std::to_string(comm_only) + ", \"exposed_s\": " + std::to_string(exposed) +
+                         ", \"hidden\": " + std::to_string(hidden) + "}");
   if (ctx.is_root()) {
     std::printf("%-10s %5d %8.2fM %7lld %9.3f %9.3f %9.3f %9.3f %9.3f %8.1f %8.0f%%\n", label.c_str(),
                 ctx.world_size(), parameters / 1e6, static_cast<long long>(reducer.bucket_count()), compute,
@@ -323,28 +393,42 @@ int main(int argc, char** argv) {
     } else {
       for (const auto& mode : options.progress) {
         dist::CommunicatorOptions comm_options;
-        comm_options.mpi_progress = mode == "thread" ? dist::MpiProgress::kThread : dist::MpiProgress::kCaller;
-        if (options.poll_sleep_us >= 0) comm_options.mpi_max_poll_sleep = std::chrono::microseconds(options.poll_sleep_us);
+        comm_options.mpi_progress =
+            mode == "thread" ? dist::MpiProgress::kThread : dist::MpiProgress::kCaller;
+        if (options.poll_sleep_us >= 0)
+          comm_options.mpi_max_poll_sleep = std::chrono::microseconds(options.poll_sleep_us);
         comms.emplace_back("mpi/" + mode, dist::make_mpi_communicator(ctx, comm_options));
       }
     }
     if (ctx.is_root()) {
-      std::printf("allreduce_bench: %d ranks (%d on this node), %d intra-op threads per rank, MPI thread level %d\n",
-                  ctx.world_size(), ctx.local_world_size(), threads, ctx.thread_level());
+      std::printf(
+          "allreduce_bench: %d ranks (%d on this node), %d intra-op threads per rank, MPI thread level %d\n",
+          ctx.world_size(), ctx.local_world_size(), threads, ctx.thread_level());
       std::printf("%s\n", dist::mpi_library_version().c_str());
     }
     if (options.bandwidth) bandwidth(ctx, options, comms);
     if (options.overlap) {
       if (ctx.is_root()) {
-        std::printf("\n# one training step of the stand-in U-Net, batch %lld at %lldx%lld, seconds (slowest rank)\n",
-                    static_cast<long long>(options.batch), static_cast<long long>(options.image),
-                    static_cast<long long>(options.image));
+        std::printf("\n# one training step of %s, batch %lld at %lldx%lld, seconds (slowest rank)\n",
+                    network_name(), static_cast<long long>(options.batch),
+                    static_cast<long long>(options.image), static_cast<long long>(options.image));
         std::printf("%-10s %5s %9s %7s %9s %9s %9s %9s %9s %8s %9s\n", "comm", "ranks", "params", "buckets",
                     "compute", "reducer", "comm", "exposed", "finish()", "done_bw", "hidden");
       }
       for (auto& [name, comm] : comms) overlap(ctx, options, *comm, name);
     }
     comms.clear();
+    if (ctx.is_root() && !options.json.empty()) {
+      auto join = [](const std::vector<std::string>& rows) {
+        std::string out;
+        for (size_t i = 0; i < rows.size(); ++i) out += (i ? ", " : "") + rows[i];
+        return "[" + out + "]";
+      };
+      std::ofstream out(options.json);
+      out << "{\"program\": \"allreduce_bench\", \"ranks\": " << ctx.world_size()
+          << ", \"bandwidth\": " << join(json_bandwidth) << ", \"overlap\": " << join(json_overlap) << "}\n";
+      if (!out) throw std::runtime_error("cannot write " + options.json);
+    }
     return 0;
   } catch (const std::exception& error) {
     std::cerr << "[rank " << ctx.rank() << "] allreduce_bench: " << error.what() << std::endl;

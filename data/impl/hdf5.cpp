@@ -95,6 +95,14 @@ void Handle::reset() {
   }
 }
 
+Handle open_read_only(const std::filesystem::path& path, const std::string& where) {
+  Handle access(H5Pcreate(H5P_FILE_ACCESS));
+#if H5_VERSION_GE(1, 10, 7)
+  check(H5Pset_file_locking(access.get(), /*use_file_locking=*/1, /*ignore_when_disabled=*/1), where);
+#endif
+  return Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, access.get()), "opening " + where));
+}
+
 Handle open_dataset_if_exists(hid_t file, const std::string& name) {
   if (H5Lexists(file, name.c_str(), H5P_DEFAULT) <= 0) {
     H5Eclear2(H5E_DEFAULT);
@@ -284,7 +292,7 @@ std::vector<Run> coalesce_runs(const std::vector<int64_t>& sorted_indices) {
 ImageRows::ImageRows(const std::filesystem::path& path, bool chunk_cache) : path_(path) {
   Hdf5Lock lock;
   const std::string where = "dataset file '" + path.string() + "'";
-  file_ = Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "opening " + where));
+  file_ = open_read_only(path, where);
   Handle access(H5Pcreate(H5P_DATASET_ACCESS));
   if (!chunk_cache) check(H5Pset_chunk_cache(access.get(), 0, 0, 1.0), where);
   dataset_ = Handle(check_id(H5Dopen2(file_.get(), "images", access.get()), "opening 'images' in " + where));
@@ -305,10 +313,9 @@ ImageRows::~ImageRows() {
 }
 
 void ImageRows::read_union(const std::vector<Run>& runs, uint8_t* out) {
-  // A union of hyperslabs read by one H5Dread: HDF5 delivers the selected rows in file order,
-  // which is run order because the runs ascend.
-  H5Sselect_none(file_space_.get());
-  hsize_t total = 0;
+  // One H5Dread per run of consecutive images. A single read of the union of the runs would be
+  // one call, but HDF5 1.10 maps a multi-block selection to chunks element by element (or by
+  // scanning every chunk in its bounding box): 50-100x slower than these plain reads.
   for (const Run& run : runs) {
     if (run.first < 0 || run.count <= 0 || run.first + run.count > rows_) {
       throw std::runtime_error("image index " + std::to_string(run.first) + " is outside the " +
@@ -316,15 +323,13 @@ void ImageRows::read_union(const std::vector<Run>& runs, uint8_t* out) {
     }
     hsize_t start[4] = {static_cast<hsize_t>(run.first), 0, 0, 0};
     hsize_t count[4] = {static_cast<hsize_t>(run.count), dims_[1], dims_[2], dims_[3]};
-    check(H5Sselect_hyperslab(file_space_.get(), total == 0 ? H5S_SELECT_SET : H5S_SELECT_OR, start, nullptr,
-                              count, nullptr),
+    check(H5Sselect_hyperslab(file_space_.get(), H5S_SELECT_SET, start, nullptr, count, nullptr),
           "selecting images in '" + path_.string() + "'");
-    total += static_cast<hsize_t>(run.count) * row_bytes_;
-  }
-  if (total == 0) return;
-  Handle memory_space(H5Screate_simple(1, &total, nullptr));
-  if (H5Dread(dataset_.get(), H5T_NATIVE_UINT8, memory_space.get(), file_space_.get(), H5P_DEFAULT, out) < 0) {
-    throw std::runtime_error(take_error_text());
+    Handle memory_space(H5Screate_simple(4, count, nullptr));
+    if (H5Dread(dataset_.get(), H5T_NATIVE_UINT8, memory_space.get(), file_space_.get(), H5P_DEFAULT, out) < 0) {
+      throw std::runtime_error(take_error_text());
+    }
+    out += run.count * row_bytes_;
   }
 }
 

@@ -74,6 +74,11 @@ class Handle {
   hid_t id_ = H5I_INVALID_HID;
 };
 
+/// Opens a file read-only; throws with `where` and HDF5's reason. Where the file system does not
+/// support locks (some parallel and network file systems), HDF5 >= 1.10.7 is told to go on
+/// without them rather than fail: readers never conflict with each other.
+Handle open_read_only(const std::filesystem::path& path, const std::string& where);
+
 /// Opens `name` in `file` as a dataset, or returns an invalid handle when no such link exists.
 Handle open_dataset_if_exists(hid_t file, const std::string& name);
 

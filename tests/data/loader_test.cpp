@@ -39,12 +39,7 @@ std::vector<int64_t> as_vector(const torch::Tensor& t) {
 }
 
 std::string open_error(const LoaderOptions& options) {
-  try {
-    Loader loader(options);
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
+  return error_of([&] { Loader loader(options); });
 }
 
 // Checks a batch's images against the fixture: sample m is image indices[m], flipped exactly
@@ -472,6 +467,24 @@ TEST(Loader, WaitTimeCountsTimeBlockedInNext) {
   for (int k = 0; k < 4; ++k) loader.next();
   // Four batches each take >= 30 ms to produce and the consumer does nothing else.
   EXPECT_GE(loader.wait_seconds_total(), 0.06);
+}
+
+TEST(Loader, BatchesStayValidWhateverTheCallerKeeps) {
+  // Batch memory is recycled once dropped: batches held for long, in numbers beyond the pool,
+  // or past the loader's own life must keep their contents.
+  TempDir dir;
+  const int64_t h = 4, w = 4, c = 3;
+  auto path = write_fixture(dir / "f.h5", 64, h, w, c);
+  std::vector<std::pair<LoaderState, Batch>> kept;
+  {
+    auto options = options_for(path, 4, 0, 1, 6);
+    Loader loader(options);
+    for (int k = 0; k < 30; ++k) {
+      auto before = loader.state();
+      kept.emplace_back(before, loader.next());
+    }
+  }
+  for (const auto& [before, batch] : kept) expect_batch_images(batch, before, 0, 1, h, w, c, true);
 }
 
 TEST(Loader, RejectsAStateThatDoesNotFitTheDataset) {

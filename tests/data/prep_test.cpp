@@ -19,15 +19,6 @@ namespace {
 using namespace diffuse::data;
 namespace fs = std::filesystem;
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
-}
-
 #define EXPECT_ERROR_CONTAINS(statement, part)                                          \
   do {                                                                                  \
     std::string message_ = error_of([&] { statement; });                                \

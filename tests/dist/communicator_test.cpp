@@ -1,13 +1,14 @@
 // Collectives of the MPI communicator (both progress modes), the NCCL backend where a GPU is
 // present, and the CUDA device rule. Runs as 1, 2 and 4 ranks; every expected value is a formula
 // in rank and world size.
+#include "dist/communicator.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <thread>
 
 #include "diffuse/build_config.h"
-#include "dist/communicator.h"
 #include "mpi_support.h"
 #include "support.h"
 
@@ -17,7 +18,7 @@ namespace {
 using testing::world;
 
 const std::vector<torch::ScalarType> kReduceDtypes = {torch::kFloat, torch::kDouble, torch::kBFloat16,
-                                                       torch::kHalf,  torch::kInt,    torch::kLong};
+                                                      torch::kHalf,  torch::kInt,    torch::kLong};
 // 10^7 is the upper end the issue asks for; 65539 crosses OpenMPI's large-message algorithms.
 const std::vector<int64_t> kSizes = {1, 2, 1000, 65539, 10'000'000};
 
@@ -168,8 +169,10 @@ TEST_P(MpiCollectives, RejectsWhatItCannotDo) {
   EXPECT_TRUE(torch::equal(tensor, torch::full({3}, static_cast<float>(size()))));
 }
 
-INSTANTIATE_TEST_SUITE_P(Progress, MpiCollectives, ::testing::Values(MpiProgress::kThread, MpiProgress::kCaller),
-                         [](const auto& info) { return info.param == MpiProgress::kThread ? "Thread" : "Caller"; });
+INSTANTIATE_TEST_SUITE_P(Progress, MpiCollectives,
+                         ::testing::Values(MpiProgress::kThread, MpiProgress::kCaller), [](const auto& info) {
+                           return info.param == MpiProgress::kThread ? "Thread" : "Caller";
+                         });
 
 TEST(MpiCommunicator, RejectsANonPositiveTimeout) {
   CommunicatorOptions options;
@@ -255,7 +258,8 @@ TEST(SelectDevice, WithoutEnoughGpusCudaIsRefusedOnEveryRank) {
 // --- NCCL --------------------------------------------------------------------------------
 
 TEST(NcclCommunicator, RefusesClearlyWithoutAGpu) {
-  if (nccl_available() && torch::cuda::is_available()) GTEST_SKIP() << "a GPU is present: see the _CUDA tests";
+  if (nccl_available() && torch::cuda::is_available())
+    GTEST_SKIP() << "a GPU is present: see the _CUDA tests";
   try {
     make_nccl_communicator(world(), torch::Device(torch::kCUDA, 0));
     FAIL() << "an NCCL communicator was made without a GPU";
@@ -284,7 +288,8 @@ TEST(NcclCommunicator, CollectivesOnTheGpu_CUDA) {
       auto base = pattern(numel, torch::kDouble).to(device);
       auto sum = (base * (r + 1)).to(type);
       comm->all_reduce(sum, ReduceOp::kSum);
-      EXPECT_TRUE(torch::equal(sum, (base * (n * (n + 1) / 2)).to(type))) << dtype_name(type) << " x " << numel;
+      EXPECT_TRUE(torch::equal(sum, (base * (n * (n + 1) / 2)).to(type)))
+          << dtype_name(type) << " x " << numel;
       auto maximum = (base * (r + 1)).to(type);
       comm->all_reduce(maximum, ReduceOp::kMax);
       EXPECT_TRUE(torch::equal(maximum, (base * n).to(type)));
@@ -296,9 +301,11 @@ TEST(NcclCommunicator, CollectivesOnTheGpu_CUDA) {
   auto root_values = torch::full({77}, static_cast<float>(r), torch::TensorOptions().device(device));
   comm->broadcast(root_values, n - 1);
   EXPECT_TRUE(torch::equal(root_values.cpu(), torch::full({77}, static_cast<float>(n - 1))));
-  auto gathered = comm->all_gather(torch::full({3}, static_cast<float>(r), torch::TensorOptions().device(device)));
+  auto gathered =
+      comm->all_gather(torch::full({3}, static_cast<float>(r), torch::TensorOptions().device(device)));
   ASSERT_EQ(gathered.size(0), n);
-  for (int k = 0; k < n; ++k) EXPECT_TRUE(torch::equal(gathered[k].cpu(), torch::full({3}, static_cast<float>(k))));
+  for (int k = 0; k < n; ++k)
+    EXPECT_TRUE(torch::equal(gathered[k].cpu(), torch::full({3}, static_cast<float>(k))));
   comm->barrier();
 }
 

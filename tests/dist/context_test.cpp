@@ -1,11 +1,12 @@
 // The MPI bootstrap: identity, helpers over the world, and the launcher/world consistency check
 // that stops N tasks which came up as N separate worlds.
+#include "dist/context.h"
+
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <map>
 
-#include "dist/context.h"
 #include "mpi_support.h"
 
 namespace diffuse::dist {
@@ -30,8 +31,8 @@ class LauncherEnvironment {
   void set(const char* name, const char* value) { ::setenv(name, value, 1); }
 
  private:
-  static constexpr const char* kNames[] = {"SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
-                                           "PMIX_SIZE"};
+  static constexpr const char* kNames[] = {"SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE",
+                                           "PMI_SIZE", "PMIX_SIZE"};
   std::map<std::string, std::string> saved_;
 };
 
@@ -74,7 +75,8 @@ TEST(LauncherWorld, SeparateWorldsAreRefusedWithHowToLaunch) {
     FAIL() << "4 tasks in worlds of one were accepted";
   } catch (const std::runtime_error& error) {
     std::string message = error.what();
-    EXPECT_NE(message.find("started 4 tasks (SLURM_NTASKS=4) but MPI sees a world of 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("started 4 tasks (SLURM_NTASKS=4) but MPI sees a world of 1"), std::string::npos)
+        << message;
     EXPECT_NE(message.find("srun --mpi=pmix"), std::string::npos) << message;
   }
 }
@@ -98,7 +100,8 @@ TEST(Context, IdentityIsConsistentAcrossRanks) {
     std::map<std::string, int> next_local;
     for (const auto& identity : identities) {
       auto host = identity.substr(0, identity.find(' '));
-      std::string expected = host + " " + std::to_string(next_local[host]++) + " " + std::to_string(per_host[host]);
+      std::string expected =
+          host + " " + std::to_string(next_local[host]++) + " " + std::to_string(per_host[host]);
       EXPECT_EQ(identity, expected);
       ok = ok && identity == expected;
     }

@@ -35,7 +35,8 @@ TEST(JobAbort, ARankThatThrowsEndsEveryRankWithinThirtySeconds) {
   auto job = run_job(4, "throw");
   EXPECT_NE(job.result.exit_code, 0) << job.result.output;
   EXPECT_LT(job.seconds, 30.0) << job.result.output;
-  EXPECT_NE(job.result.output.find("[rank 1] injected failure on rank 1"), std::string::npos) << job.result.output;
+  EXPECT_NE(job.result.output.find("[rank 1] injected failure on rank 1"), std::string::npos)
+      << job.result.output;
   // No rank got past the all_reduce its peer never joined: they were ended, not released.
   EXPECT_EQ(job.result.output.find("survived"), std::string::npos) << job.result.output;
 }
@@ -54,9 +55,10 @@ TEST(CollectiveTimeout, ThrowsNamingTheOperationAndEndsTheJob) {
     const auto& out = job.result.output;
     EXPECT_NE(job.result.exit_code, 0) << mode << ": " << out;
     EXPECT_LT(job.seconds, 30.0) << mode << ": " << out;
-    EXPECT_NE(out.find("[rank 0] MPI all_reduce(sum) of 1000 x float32 (3.9 KiB) on rank 0 of 2 did not complete "
-                       "within 1000 ms"),
-              std::string::npos)
+    EXPECT_NE(
+        out.find("[rank 0] MPI all_reduce(sum) of 1000 x float32 (3.9 KiB) on rank 0 of 2 did not complete "
+                 "within 1000 ms"),
+        std::string::npos)
         << mode << ": " << out;
     EXPECT_EQ(out.find("survived"), std::string::npos) << mode << ": " << out;
   }
@@ -65,10 +67,12 @@ TEST(CollectiveTimeout, ThrowsNamingTheOperationAndEndsTheJob) {
 TEST(Bootstrap, TasksThatCameUpAsSeparateWorldsStopWithHowToLaunch) {
   // What `srun` without --mpi=pmix does: the task believes it is one of 2, MPI says world of 1.
   auto result = run_command(
-      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 SLURM_NTASKS=2 SLURM_STEP_ID=0 timeout -s KILL 60 " +
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 SLURM_NTASKS=2 SLURM_STEP_ID=0 timeout -s "
+      "KILL 60 " +
       helper() + " throw");
   EXPECT_EQ(result.exit_code, 2) << result.output;
-  EXPECT_NE(result.output.find("started 2 tasks (SLURM_NTASKS=2) but MPI sees a world of 1"), std::string::npos)
+  EXPECT_NE(result.output.find("started 2 tasks (SLURM_NTASKS=2) but MPI sees a world of 1"),
+            std::string::npos)
       << result.output;
   EXPECT_NE(result.output.find("srun --mpi=pmix"), std::string::npos) << result.output;
   EXPECT_EQ(result.output.find("injected failure"), std::string::npos) << "it ran anyway: " << result.output;

@@ -1,6 +1,8 @@
 // The gradient reducer against a single process: the data-parallel gradient of N ranks with
 // batch b each equals the gradient of one process on the concatenated batch of N·b. Runs as 1, 2
 // and 4 ranks on tiny models.
+#include "dist/reducer.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -8,7 +10,6 @@
 #include <set>
 
 #include "dist/communicator.h"
-#include "dist/reducer.h"
 #include "mpi_support.h"
 #include "support.h"
 
@@ -47,7 +48,9 @@ Batch rows_of(const Batch& batch, int64_t first, int64_t count) {
   return {batch.x.narrow(0, first, count), batch.y.narrow(0, first, count)};
 }
 
-torch::Tensor loss_of(Mlp& model, const Batch& batch) { return torch::mse_loss(model.forward(batch.x), batch.y); }
+torch::Tensor loss_of(Mlp& model, const Batch& batch) {
+  return torch::mse_loss(model.forward(batch.x), batch.y);
+}
 
 std::vector<torch::Tensor> grads_of(torch::nn::Module& model) {
   std::vector<torch::Tensor> grads;
@@ -155,7 +158,8 @@ TEST_P(ReducerGradients, EqualTheSingleProcessGradientOnTheConcatenatedBatch) {
     auto got = grads_of(*model);
     for (size_t i = 0; i < got.size(); ++i) {
       ASSERT_TRUE(got[i].defined());
-      expect_allclose(got[i], expected[i], 1e-4, 1e-6, "step " + std::to_string(step) + " parameter " + std::to_string(i));
+      expect_allclose(got[i], expected[i], 1e-4, 1e-6,
+                      "step " + std::to_string(step) + " parameter " + std::to_string(i));
     }
     const auto& stats = reducer.last_stats();
     EXPECT_EQ(stats.buckets, reducer.bucket_count());
@@ -170,14 +174,16 @@ TEST_P(ReducerGradients, EqualTheSingleProcessGradientOnTheConcatenatedBatch) {
             GetParam().as_view ? reducer.bucket_count() : static_cast<int64_t>(model->parameters().size()));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Variants, ReducerGradients,
-    ::testing::Values(GradCase{true, true, MpiProgress::kThread}, GradCase{false, true, MpiProgress::kThread},
-                      GradCase{true, false, MpiProgress::kThread}, GradCase{true, true, MpiProgress::kCaller}),
-    [](const auto& info) {
-      return std::string(info.param.as_view ? "View" : "Copy") + (info.param.small ? "SmallBuckets" : "OneBucket") +
-             (info.param.progress == MpiProgress::kThread ? "Thread" : "Caller");
-    });
+INSTANTIATE_TEST_SUITE_P(Variants, ReducerGradients,
+                         ::testing::Values(GradCase{true, true, MpiProgress::kThread},
+                                           GradCase{false, true, MpiProgress::kThread},
+                                           GradCase{true, false, MpiProgress::kThread},
+                                           GradCase{true, true, MpiProgress::kCaller}),
+                         [](const auto& info) {
+                           return std::string(info.param.as_view ? "View" : "Copy") +
+                                  (info.param.small ? "SmallBuckets" : "OneBucket") +
+                                  (info.param.progress == MpiProgress::kThread ? "Thread" : "Caller");
+                         });
 
 TEST(GradReducer, ParametersIdenticalAcrossRanksAfterTwentySteps) {
   auto comm = make_comm();
@@ -188,7 +194,8 @@ TEST(GradReducer, ParametersIdenticalAcrossRanksAfterTwentySteps) {
     auto model = make_mlp(11);
     auto reference = make_mlp(11);
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-    torch::optim::SGD reference_optimizer(reference->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    torch::optim::SGD reference_optimizer(reference->parameters(),
+                                          torch::optim::SGDOptions(0.05).momentum(0.9));
     GradReducer reducer(model->parameters(), *comm, small_buckets());
     for (uint64_t step = 0; step < 20; ++step) {
       auto batch = global_batch(n * b, 100 + step);
@@ -206,8 +213,9 @@ TEST(GradReducer, ParametersIdenticalAcrossRanksAfterTwentySteps) {
     auto params = model->parameters();
     auto expected = reference->parameters();
     for (size_t i = 0; i < params.size(); ++i) {
-      expect_allclose(params[i], expected[i], 1e-4, 1e-5,
-                      std::string(set_to_none ? "set_to_none " : "zeroed ") + "parameter " + std::to_string(i));
+      expect_allclose(
+          params[i], expected[i], 1e-4, 1e-5,
+          std::string(set_to_none ? "set_to_none " : "zeroed ") + "parameter " + std::to_string(i));
     }
   }
 }
@@ -244,7 +252,8 @@ TEST(GradReducer, AccumulationMicroStepsEqualOneLargerBatchAndDoNotCommunicate) 
     auto expected = grads_of(*reference);
     auto got = grads_of(*model);
     for (size_t i = 0; i < got.size(); ++i) {
-      expect_allclose(got[i], expected[i], 1e-4, 1e-6, "step " + std::to_string(step) + " parameter " + std::to_string(i));
+      expect_allclose(got[i], expected[i], 1e-4, 1e-6,
+                      "step " + std::to_string(step) + " parameter " + std::to_string(i));
     }
   }
 }
@@ -419,13 +428,15 @@ TEST_P(ReducerCompression, GradientsInTransitAreCloseToFloat32) {
     auto single = make_mlp(13);
     loss_of(*single, rows_of(batch, rank * b, b)).backward();
     auto grads = grads_of(*single);
-    for (size_t i = 0; i < grads.size(); ++i) largest[i] = std::max(largest[i], grads[i].abs().max().item<double>());
+    for (size_t i = 0; i < grads.size(); ++i)
+      largest[i] = std::max(largest[i], grads[i].abs().max().item<double>());
   }
   const double u = GetParam() == torch::kBFloat16 ? std::pow(2.0, -9) : std::pow(2.0, -11);
   for (size_t i = 0; i < got.size(); ++i) {
     EXPECT_EQ(got[i].scalar_type(), torch::kFloat);
     double error = (got[i] - expected[i]).abs().max().item<double>();
-    EXPECT_LE(error, 2 * n * u * largest[i] + 1e-7) << "parameter " << i << " (largest gradient " << largest[i] << ")";
+    EXPECT_LE(error, 2 * n * u * largest[i] + 1e-7)
+        << "parameter " << i << " (largest gradient " << largest[i] << ")";
   }
   int64_t parameter_bytes = 0;
   for (auto& p : model->parameters()) parameter_bytes += p.numel() * 4;
@@ -434,7 +445,9 @@ TEST_P(ReducerCompression, GradientsInTransitAreCloseToFloat32) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, ReducerCompression, ::testing::Values(torch::kBFloat16, torch::kHalf),
-                         [](const auto& info) { return info.param == torch::kBFloat16 ? "BFloat16" : "Float16"; });
+                         [](const auto& info) {
+                           return info.param == torch::kBFloat16 ? "BFloat16" : "Float16";
+                         });
 
 TEST(GradReducer, RefusesMisuse) {
   auto comm = make_comm();
@@ -472,7 +485,8 @@ TEST(GradReducer, TiedParametersListedTwiceAreReducedOnce) {
   loss_of(*reference, batch).backward();
   auto expected = grads_of(*reference);
   auto got = grads_of(*model);
-  for (size_t i = 0; i < got.size(); ++i) expect_allclose(got[i], expected[i], 1e-4, 1e-6, "parameter " + std::to_string(i));
+  for (size_t i = 0; i < got.size(); ++i)
+    expect_allclose(got[i], expected[i], 1e-4, 1e-6, "parameter " + std::to_string(i));
 }
 
 TEST(GradReducer, RanksWithDifferentModelsAreRefusedOnEveryRank) {
@@ -513,7 +527,8 @@ TEST(GradReducer, GradientsOnTheGpuWithNccl_CUDA) {
     loss_of(*reference, batch).backward();
     auto expected = grads_of(*reference);
     auto got = grads_of(*model);
-    for (size_t i = 0; i < got.size(); ++i) expect_allclose(got[i].cpu(), expected[i], 1e-4, 1e-5, "parameter " + std::to_string(i));
+    for (size_t i = 0; i < got.size(); ++i)
+      expect_allclose(got[i].cpu(), expected[i], 1e-4, 1e-5, "parameter " + std::to_string(i));
   }
   EXPECT_NO_THROW(verify_identical(model->parameters(), *comm, "parameters"));
 }
@@ -538,7 +553,8 @@ TEST(BroadcastTensors, GivesEveryRankRootsValuesAndVerifyProvesIt) {
   auto root_model = make_mlp(100);
   auto params = model->parameters();
   auto expected = root_model->parameters();
-  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i], expected[i])) << "parameter " << i;
+  for (size_t i = 0; i < params.size(); ++i)
+    EXPECT_TRUE(torch::equal(params[i], expected[i])) << "parameter " << i;
   EXPECT_TRUE(torch::equal(buffer, torch::zeros({3}, torch::kLong)));
   EXPECT_TRUE(params[0].requires_grad()) << "broadcast must not change what the tensors are";
 

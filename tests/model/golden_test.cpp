@@ -178,6 +178,7 @@ TEST(Golden, TrainingLossesMatchReference) {
     }
     EXPECT_TRUE(torch::equal(noise, g.at(c + ".noise"))) << c << ": the caller's noise was modified";
     expect_allclose(loss, g.at(c + ".loss"), 2e-5, 1e-6, c);
+    RecordProperty(c, sci(relative_max_error(loss, g.at(c + ".loss"))));
   }
 }
 
@@ -215,7 +216,9 @@ TEST(Golden, LearnedVarianceHybridLossMatchesImprovedDiffusion) {
     const auto& x = g.at(c + ".x_start");
     const auto& t = g.at(c + ".t");
     const auto& noise = g.at(c + ".noise");
-    expect_allclose(d->p_losses(x, t, noise), g.at(c + ".loss"), 1e-4, 1e-5, c + " loss");
+    auto loss = d->p_losses(x, t, noise);
+    expect_allclose(loss, g.at(c + ".loss"), 1e-4, 1e-5, c + " loss");
+    RecordProperty(c, sci(relative_max_error(loss, g.at(c + ".loss"))));
     torch::NoGradGuard no_grad;
     auto x_t = d->q_sample(x, t, noise);
     auto out = d->model->forward(x_t, t);
@@ -233,6 +236,7 @@ TEST(Golden, LearnedVarianceDdpmSamplingMatches) {
   s.sampler = "ddpm";
   auto samples = d->sample(2, s, gen);
   EXPECT_LT(relative_max_error(samples, g.at(c + ".samples")), 1e-5);
+  RecordProperty(c, sci(relative_max_error(samples, g.at(c + ".samples"))));
   EXPECT_TRUE(torch::equal(torch::randn({4}, gen), g.at(c + ".next_draw")));
 }
 
@@ -247,6 +251,8 @@ TEST(Golden, VariationalBoundMatchesIndependentImplementation) {
     expect_allclose(r.prior_bpd, g.at(c + ".prior_bpd"), 1e-4, 1e-7, c + " prior");
     expect_allclose(r.total_bpd, g.at(c + ".total_bpd"), 1e-5, 1e-5, c + " total");
     RecordProperty(c + "_total_bpd", std::to_string(r.total_bpd[0].item<double>()));
+    RecordProperty(c + "_vb_rel_err", sci(relative_max_error(r.vb_bpd, g.at(c + ".vb_bpd"))));
+    RecordProperty(c + "_total_rel_err", sci(relative_max_error(r.total_bpd, g.at(c + ".total_bpd"))));
   }
 }
 

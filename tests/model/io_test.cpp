@@ -77,7 +77,7 @@ TEST(Json, QuoteAndNumberRoundTrip) {
 // safetensors
 
 TEST(Safetensors, RoundTripsEveryDtypeShapeAndMetadata) {
-  ScratchDir dir;
+  TempDir dir;
   std::vector<std::pair<std::string, torch::Tensor>> tensors = {
       {"f32", torch::randn({3, 4})},
       {"f64", torch::randn({2}, torch::kFloat64)},
@@ -114,7 +114,7 @@ TEST(Safetensors, RoundTripsEveryDtypeShapeAndMetadata) {
 }
 
 TEST(Safetensors, RefusesWhatItCannotWrite) {
-  ScratchDir dir;
+  TempDir dir;
   auto p = dir / "x.safetensors";
   EXPECT_TRUE(throws_with([&] { model::save_safetensors(p, {{"a", torch::ones(1)}, {"a", torch::ones(1)}}); },
                           {"duplicate tensor name 'a'"}));
@@ -126,7 +126,7 @@ TEST(Safetensors, RefusesWhatItCannotWrite) {
 }
 
 // Writes a file from parts: header length (default: the header's), header text, data bytes.
-std::filesystem::path craft(const ScratchDir& dir, const std::string& header, const std::string& data,
+std::filesystem::path craft(const TempDir& dir, const std::string& header, const std::string& data,
                             std::optional<uint64_t> length = std::nullopt) {
   static int counter = 0;
   auto path = dir / ("crafted-" + std::to_string(counter++) + ".safetensors");
@@ -138,7 +138,7 @@ std::filesystem::path craft(const ScratchDir& dir, const std::string& header, co
 }
 
 TEST(Safetensors, ReadsAHandWrittenFile) {
-  ScratchDir dir;
+  TempDir dir;
   const float values[3] = {1.5f, -2.0f, 0.25f};
   std::string data(reinterpret_cast<const char*>(values), 12);
   data += std::string("\x01\x00", 2);
@@ -155,7 +155,7 @@ TEST(Safetensors, ReadsAHandWrittenFile) {
 }
 
 TEST(Safetensors, RejectsEveryMalformedFile) {
-  ScratchDir dir;
+  TempDir dir;
   const std::string f32x2 = R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   const std::string eight(8, '\0');
   struct Case {
@@ -206,6 +206,7 @@ TEST(Safetensors, RejectsEveryMalformedFile) {
   std::ofstream(tiny, std::ios::binary) << "abc";
   EXPECT_TRUE(throws_with([&] { model::load_safetensors(tiny); }, {"3 bytes", "shorter than the 8-byte"}));
   EXPECT_TRUE(throws_with([&] { model::load_safetensors(dir / "none.safetensors"); }, {"none.safetensors", "cannot open"}));
+  EXPECT_TRUE(throws_with([&] { model::load_safetensors(dir.path()); }, {"not a regular file"}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ TEST(StateDict, StrictLoadingListsEveryProblemAndChangesNothing) {
 }
 
 TEST(StateDict, UnetSurvivesASafetensorsRoundTrip) {
-  ScratchDir dir;
+  TempDir dir;
   auto options = tiny_unet_options(3, {1, 2});
   options.self_condition = true;
   torch::manual_seed(1);

@@ -5,13 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <ftw.h>
-#include <unistd.h>
-
-#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <random>
 #include <map>
 #include <string>
 
@@ -22,31 +17,6 @@
 #include "model/unet.h"
 
 namespace diffuse::testing {
-
-/// A fresh temporary directory, removed with everything in it when the object goes away.
-/// (Not support.h's TempDir: std::filesystem::remove_all binds to the copy libtorch.so exports,
-/// which crashes against Debian 12's libstdc++; POSIX nftw does the removal instead.)
-class ScratchDir {
- public:
-  ScratchDir() {
-    std::random_device device;
-    path_ = std::filesystem::temp_directory_path() /
-            ("diffuse-model-test-" + std::to_string(::getpid()) + "-" + std::to_string(device()));
-    std::filesystem::create_directories(path_);
-  }
-  ~ScratchDir() {
-    ::nftw(
-        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  ScratchDir(const ScratchDir&) = delete;
-  ScratchDir& operator=(const ScratchDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
 
 /// A CPU generator in the state torch.manual_seed(seed) puts Python's default generator in.
 inline torch::Generator cpu_generator(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }

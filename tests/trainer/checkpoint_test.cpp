@@ -470,7 +470,7 @@ TEST(Checkpoint, CorruptLatestFallsBackToThePreviousGoodOne) {
          f.write(&c, 1);
        }},
       {"missing shard", "is missing", [](const fs::path&, const fs::path& shard) { fs::remove(shard); }},
-      {"garbled manifest", "invalid JSON",
+      {"garbled manifest", "invalid JSON at byte",
        [](const fs::path& dir, const fs::path&) {
          auto text = read_text(dir / "manifest.json");
          write_text(dir / "manifest.json", text.substr(0, text.size() / 3));

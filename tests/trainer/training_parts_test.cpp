@@ -14,16 +14,8 @@
 namespace diffuse::trainer {
 namespace {
 
+using diffuse::testing::error_of;
 using diffuse::testing::TempDir;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "";
-}
 
 // ---------------------------------------------------------------------------------------------
 // Config
