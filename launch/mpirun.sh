@@ -2,11 +2,15 @@
 # launch/mpirun.sh: run diffuse on N ranks with OpenMPI, one rank per GPU, printing the command.
 #
 #   launch/mpirun.sh [-n RANKS] [-H hostfile] -- train -c configs/reference-128.yaml
+#   launch/mpirun.sh -n 2 -- doctor                 # check the ranks come up as one world
 #
-# RANKS defaults to the GPUs visible on this node (nvidia-smi), or 2 on a machine without GPUs.
-# Inside a Slurm/PBS allocation OpenMPI picks up the allocation itself; give -H for a hostfile
-# otherwise. Environment passed to every rank: OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, NCCL_*,
-# DIFFUSE_* (OpenMPI's -x). Root-only flags are added only when running as root.
+# RANKS defaults to the allocation's tasks inside Slurm (SLURM_NTASKS), else the GPUs visible on
+# this node (nvidia-smi), or 2 on a machine without GPUs. Inside a Slurm/PBS allocation OpenMPI
+# picks up the allocation itself; give -H for a hostfile otherwise. Ranks are placed in slot
+# order, unbound (each rank's threads use its share of the cores through OMP_NUM_THREADS).
+# Environment passed to every rank, also on other hosts: PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS,
+# CUDA_VISIBLE_DEVICES, NCCL_*, DIFFUSE_*, TORCH_* (OpenMPI's -x). Root-only flags are added only
+# when running as root. The binary is $DIFFUSE_BUILD_DIR/bin/diffuse (see launch/env.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -17,23 +21,30 @@ while [ $# -gt 0 ]; do
     -n) ranks="$2"; shift 2 ;;
     -H) hostfile="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
 [ $# -gt 0 ] || die "usage: launch/mpirun.sh [-n RANKS] [-H hostfile] -- <diffuse subcommand and options>"
-if [ -z "$ranks" ]; then
+if [ -z "$ranks" ] && [ -n "${SLURM_NTASKS:-}" ]; then
+  ranks="$SLURM_NTASKS"
+elif [ -z "$ranks" ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   ranks=$(( gpus > 0 ? gpus : 2 ))
 fi
+[[ "$ranks" =~ ^[1-9][0-9]*$ ]] || die "-n expects a positive number of ranks, got '$ranks'"
 [ -x "$DIFFUSE_EXE" ] || die "$DIFFUSE_EXE not found: run launch/setup.sh first"
 
+cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which answers OMP_NUM_THREADS when that is set
 flags=(-np "$ranks" --bind-to none --map-by slot)
 [ -n "$hostfile" ] && flags+=(--hostfile "$hostfile")
 [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
-[ "$ranks" -gt "$(diffuse_jobs)" ] && [ -z "$hostfile" ] && flags+=(--oversubscribe)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(diffuse_jobs) / ranks > 0 ? $(diffuse_jobs) / ranks : 1 ))}"
-for v in OMP_NUM_THREADS CUDA_VISIBLE_DEVICES $(compgen -e | grep -E '^(NCCL_|DIFFUSE_)' || true); do
+# Outside an allocation or hostfile the slots are this node's cores; a CPU run with more ranks
+# than cores (tests, small boxes) needs oversubscription.
+[ "$ranks" -gt "$cores" ] && [ -z "$hostfile" ] && [ -z "${SLURM_JOB_ID:-}" ] && flags+=(--oversubscribe)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / ranks > 0 ? cores / ranks : 1 ))}"
+for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS CUDA_VISIBLE_DEVICES \
+         $(compgen -e | grep -E '^(NCCL_|DIFFUSE_|TORCH_)' || true); do
   [ -n "${!v:-}" ] && flags+=(-x "$v")
 done
 echo "+ mpirun ${flags[*]} $DIFFUSE_EXE $*" >&2

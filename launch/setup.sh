@@ -9,16 +9,23 @@
 #   3. CMake configure (Release, Ninja, ccache, precompiled torch header) and build
 #   4. A load check: the binary starts and finds all its libraries, with a single libnccl
 #
-# Usage: launch/setup.sh [--no-build]
+# With --with-slurm (or DIFFUSE_WITH_SLURM=1; launch/test.sh asks for it) step 1 also installs
+# Slurm and munge (slurmctld slurmd slurm-client munge, libpmix-dev for `srun --mpi=pmix`): the
+# launcher tests start a private one-node cluster (tests/launch/slurm_cluster.sh). Not fatal
+# when they cannot be installed: those tests then skip and say why.
+#
+# Usage: launch/setup.sh [--no-build] [--with-slurm]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 build=1
+with_slurm="${DIFFUSE_WITH_SLURM:-0}"
 for arg in "$@"; do
   case "$arg" in
     --no-build) build=0 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) die "unknown argument '$arg' (expected --no-build)" ;;
+    --with-slurm) with_slurm=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) die "unknown argument '$arg' (expected --no-build or --with-slurm)" ;;
   esac
 done
 
@@ -46,6 +53,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     || die "apt-get could not install: ${missing[*]}"
 else
   say "Debian packages: all ${#packages[@]} present"
+fi
+
+# --- 1b. Slurm for the launcher tests (opt-in) -------------------------------------------------
+# Without recommends: those pull in every Slurm plugin's -dev package. mpi_pmix.so dlopens the
+# unversioned libpmix.so, which only libpmix-dev ships.
+if [ "$with_slurm" = 1 ]; then
+  slurm_packages=(slurmctld slurmd slurm-client munge libpmix-dev)
+  slurm_missing=()
+  for p in "${slurm_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || slurm_missing+=("$p")
+  done
+  if [ ${#slurm_missing[@]} -eq 0 ]; then
+    say "Slurm packages: all ${#slurm_packages[@]} present"
+  elif [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; then
+    say "installing Slurm packages for the launcher tests: ${slurm_missing[*]}"
+    sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo -n)
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${slurm_missing[@]}" >/dev/null \
+      || { "${sudo_cmd[@]}" apt-get update -q >/dev/null \
+           && "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${slurm_missing[@]}" >/dev/null; } \
+      || say "warning: could not install ${slurm_missing[*]}: the Slurm launcher tests will skip"
+  else
+    say "warning: Slurm packages missing (${slurm_missing[*]}) and no root: the Slurm launcher tests will skip"
+  fi
 fi
 
 # --- 2. LibTorch ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <csignal>
 #include <iostream>
+#include <new>
+#include <string_view>
 
 #include "data/dataset.h"
 #include "data/image_io.h"
@@ -108,6 +110,22 @@ std::string human_bytes(double bytes) {
     ++unit;
   }
   return fmt::format("{:.1f} {}", bytes, units[unit]);
+}
+
+/// An allocation failure on any device: CUDA's OutOfMemoryError, the CPU allocator's failure
+/// (a plain c10::Error, "DefaultCPUAllocator: can't allocate memory"), or std::bad_alloc.
+bool is_out_of_memory(const std::exception& error) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&error) != nullptr) return true;
+  if (dynamic_cast<const std::bad_alloc*>(&error) != nullptr) return true;
+  std::string_view what = error.what();
+  return what.find("can't allocate memory") != std::string_view::npos ||
+         what.find("not enough memory") != std::string_view::npos;
+}
+
+/// The allocator's own words, without the C++ backtrace a c10::Error carries.
+std::string error_text(const std::exception& error) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&error)) return c10_error->what_without_backtrace();
+  return error.what();
 }
 
 std::string format_duration(double seconds) {
@@ -210,7 +228,8 @@ struct Trainer::State {
   void restore(const LoadedCheckpoint& checkpoint);
   CheckpointContents checkpoint_contents() const;
   void save_checkpoint();
-  void train_step();
+  void train_step();  ///< one optimizer step; an allocation failure becomes a message naming rank and batch
+  void forward_backward_update();
   /// Profiling only: waits for the device, then returns the seconds since `mark` and resets it.
   double lap(Clock::time_point& mark);
   void adamw_step(double learning_rate);
@@ -319,6 +338,24 @@ double Trainer::State::lap(Clock::time_point& mark) {
 }
 
 void Trainer::State::train_step() {
+  // Out of memory surfaces deep inside forward or backward with only the allocator's message;
+  // the user needs to know which rank and which setting to change.
+  try {
+    forward_backward_update();
+  } catch (const std::exception& error) {
+    if (!is_out_of_memory(error)) throw;
+    const auto& t = config.train;
+    throw std::runtime_error(fmt::format(
+        "out of memory on rank {} of {} ({}) in step {} with train.batch_size={} images per rank "
+        "(train.accumulate={}, {}x{} images, precision {}): lower train.batch_size and raise train.accumulate to "
+        "keep the global batch of {}{}. The allocator said: {}",
+        ctx.rank(), ctx.world_size(), device.str(), step + 1, t.batch_size, t.accumulate, config.data.image_size,
+        config.data.image_size, t.precision, global_batch(),
+        t.precision == "fp32" ? ", or train with train.precision=bf16" : "", error_text(error)));
+  }
+}
+
+void Trainer::State::forward_backward_update() {
   const auto& t = config.train;
   diffusion->train();
   auto step_start = Clock::now();
@@ -536,7 +573,9 @@ void Trainer::State::restore(const LoadedCheckpoint& checkpoint) {
   } else {
     generator.set_state(mine.at("rng"));
   }
-  metrics.truncate_after(step);  // rank 0 only writes; truncating is idempotent
+  // Only rank 0 writes metrics: every rank rewriting the same file through the same temporary
+  // name races (one rank's rename finds the temporary already moved by another).
+  if (ctx.is_root()) metrics.truncate_after(step);
 }
 
 void Trainer::State::save_checkpoint() {
