@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # launch/demo.sh: the README's main command. Sets up (if needed), builds, makes the built-in
 # synthetic "shapes" dataset (32x32 coloured shapes on backgrounds), trains configs/demo.yaml on
-# 2 MPI ranks on CPU for a few minutes, then samples a grid from the EMA weights.
+# 2 MPI ranks on CPU (800 steps, about 10-15 minutes on 2 cores), then samples a grid from the
+# EMA weights.
 #
 #   bash launch/demo.sh                 # everything
 #   DEMO_STEPS=300 bash launch/demo.sh  # a shorter run

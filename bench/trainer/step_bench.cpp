@@ -34,6 +34,7 @@
 #include "data/dataset.h"
 #include "diffuse/build_config.h"
 #include "dist/context.h"
+#include "model/json.h"
 #include "model/state_dict.h"
 #include "model/unet.h"
 #include "trainer/checkpoint.h"
@@ -160,7 +161,7 @@ class JsonObject {
     fields_.push_back("\"" + key + "\": " + (std::isfinite(value) ? fmt::format("{:.6g}", value) : "null"));
   }
   void text(const std::string& key, const std::string& value) {
-    fields_.push_back("\"" + key + "\": \"" + tr::json_escape(value) + "\"");
+    fields_.push_back("\"" + key + "\": " + diffuse::model::json::quote(value));
   }
   void object(const std::string& key, const JsonObject& value) {
     fields_.push_back("\"" + key + "\": " + value.str());
