@@ -34,7 +34,7 @@ say() { printf '\033[1m[diffuse]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[diffuse] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # Cores for the build; leave the machine usable on small boxes.
-diffuse_jobs() { nproc 2>/dev/null || echo 2; }
+diffuse_jobs() { getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2; }  # not nproc: it answers OMP_NUM_THREADS
 
 # mpirun with what this machine needs: root may run it only with an explicit flag, and small
 # machines need oversubscription when ranks exceed cores.
