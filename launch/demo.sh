@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch/demo.sh: the README's main command. Sets up (if needed), builds, makes the built-in
 # synthetic "shapes" dataset (32x32 coloured shapes on backgrounds), trains configs/demo.yaml on
-# 2 MPI ranks on CPU (800 steps, about 10-15 minutes on 2 cores), then samples a grid from the
+# 2 MPI ranks on CPU (800 steps, 10 minutes on an idle 2-core machine), then samples a grid from the
 # EMA weights.
 #
 #   bash launch/demo.sh                 # everything
