@@ -74,8 +74,9 @@ EOF
 # Before/after of the one change this suite recommends for CPU runs (bench/README.md): the demo
 # step with the default environment, then with OpenMP threads that sleep instead of spinning at
 # barriers and a glibc malloc that keeps freed activations instead of unmapping them.
+# Batch 16 per rank, as in every demo-step figure in bench/README.md (the demo itself now runs batch 8).
 say "step_bench: demo, default environment (before)"
-"$bin/step_bench" --config configs/demo.yaml --set train.device=cpu --steps 4 --warmup 1 --threads "$cores" \
+"$bin/step_bench" --config configs/demo.yaml --set train.device=cpu --set train.batch_size=16 --steps 4 --warmup 1 --threads "$cores" \
   --json "$parts/step-demo-before.json"
 # The tiny model's ops are too small to share between threads (and sleeping threads make each of
 # its many small parallel regions pay a wake-up): one thread, default environment.
@@ -96,7 +97,7 @@ OMP_NUM_THREADS=1 diffuse_mpirun 2 "$bin/allreduce_bench" --max-bytes $((64 << 2
   --progress thread --steps 3 --warmup 1 --json "$parts/allreduce.json"
 
 say "step_bench: demo (fp32, batch 16, threads = $cores cores) (after)"
-"$bin/step_bench" --config configs/demo.yaml --set train.device=cpu --steps 5 --warmup 2 --threads "$cores" \
+"$bin/step_bench" --config configs/demo.yaml --set train.device=cpu --set train.batch_size=16 --steps 5 --warmup 2 --threads "$cores" \
   --json "$parts/step-demo.json"
 say "step_bench: headline (reference-128) reduced to batch 2 and fp32 on CPU"
 "$bin/step_bench" --config configs/reference-128.yaml --set train.device=cpu --set train.batch_size=2 \

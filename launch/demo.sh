@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # launch/demo.sh: the README's main command. Sets up (if needed), builds, makes the built-in
 # synthetic "shapes" dataset (32x32 coloured shapes on backgrounds), trains configs/demo.yaml on
-# 2 MPI ranks on CPU (800 steps, 10 minutes on an idle 2-core machine), then samples a grid from the
-# EMA weights.
+# 2 MPI ranks on CPU (1600 steps of 8 images per rank, 10 minutes on an idle 2-core machine), then
+# samples a grid from the EMA weights.
 #
 #   bash launch/demo.sh                 # everything
-#   DEMO_STEPS=300 bash launch/demo.sh  # a shorter run
+#   DEMO_STEPS=600 bash launch/demo.sh  # a shorter run
 #
 # Leaves: runs/demo/ (checkpoints, metrics.jsonl, samples/step-*.png, samples/real.png) and
 # runs/demo/samples/final.png. Rerunning continues from the last checkpoint.
