@@ -86,7 +86,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296}"
 say "from here on: OMP_WAIT_POLICY=$OMP_WAIT_POLICY GLIBC_TUNABLES=$GLIBC_TUNABLES"
 
-say "model_bench (U-Net dim 32 at 32x32, batch 16: the demo's sizes; default mults 1,2,4,8)"
+say "model_bench (U-Net dim 32 at 32x32, batch 16 as in the demo-step figures; default mults 1,2,4,8)"
 "$bin/model_bench" --dim 32 --size 32 --batch 16 --iters 5 --warmup 1 --threads "$cores" --json "$parts/model.json"
 
 say "loader_bench (32x32 and 128x128, warm file)"
