@@ -43,7 +43,34 @@ std::string mpi_library_version();
 /// NCCL version ("2.28.9") of the library this process loaded, or nothing in a build without CUDA.
 std::optional<std::string> nccl_version();
 
-class Context {
+/// The few host messages (small strings and integers, not tensors) that protocols such as the
+/// checkpoint store's need: implemented by Context over MPI and by SoloCollective for one process
+/// without MPI (tools, tests).
+class HostCollective {
+ public:
+  virtual ~HostCollective() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  bool is_root() const { return rank() == 0; }
+  /// The largest of every rank's value, returned on every rank.
+  virtual long long max_over_ranks(long long mine) const = 0;
+  /// Rank 0 receives every rank's string in rank order; the other ranks an empty vector.
+  virtual std::vector<std::string> gather_strings(const std::string& mine) const = 0;
+  /// Rank `root`'s string, returned on every rank.
+  virtual std::string broadcast_string(const std::string& value, int root) const = 0;
+};
+
+/// A world of one process, without MPI.
+class SoloCollective final : public HostCollective {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  long long max_over_ranks(long long mine) const override { return mine; }
+  std::vector<std::string> gather_strings(const std::string& mine) const override { return {mine}; }
+  std::string broadcast_string(const std::string& value, int) const override { return value; }
+};
+
+class Context final : public HostCollective {
  public:
   /// MPI_Init_thread (MPI_THREAD_MULTIPLE requested, at least FUNNELED required), then the
   /// launcher world check. Throws with a message on failure.
@@ -55,11 +82,10 @@ class Context {
   ~Context();  ///< MPI_Finalize (after a barrier-free shutdown; collectives must be finished)
 
   const WorldInfo& world() const { return world_; }
-  int rank() const { return world_.rank; }
-  int world_size() const { return world_.world_size; }
+  int rank() const override { return world_.rank; }
+  int world_size() const override { return world_.world_size; }
   int local_rank() const { return world_.local_rank; }
   int local_world_size() const { return world_.local_world_size; }
-  bool is_root() const { return world_.rank == 0; }
   /// The thread level MPI granted (MPI_THREAD_*).
   int thread_level() const { return thread_level_; }
 
@@ -72,14 +98,14 @@ class Context {
 
   /// Collects one string from every rank; rank 0 receives all of them in rank order, the other
   /// ranks an empty vector. For reports and consistency checks, not for tensors.
-  std::vector<std::string> gather_strings(const std::string& mine) const;
+  std::vector<std::string> gather_strings(const std::string& mine) const override;
 
   /// The largest of every rank's value, returned on every rank (e.g. an exit code all agree on).
-  long long max_over_ranks(long long mine) const;
+  long long max_over_ranks(long long mine) const override;
 
   /// Rank `root`'s string, returned on every rank (the other ranks' `value` is ignored). For
   /// small host messages (a path, a manifest), not for tensors.
-  std::string broadcast_string(const std::string& value, int root = 0) const;
+  std::string broadcast_string(const std::string& value, int root) const override;
 
  private:
   Context() = default;

@@ -15,10 +15,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$DIFFUSE_ROOT"
 
 ranks="${DEMO_RANKS:-2}"
-data="data/shapes32.h5"
+data="datasets/shapes32.h5"
 run="runs/demo"
 if [ ! -f "$data" ]; then
-  mkdir -p data
+  mkdir -p datasets
   "$DIFFUSE_EXE" prep --synthetic shapes --count 20000 --size 32 -o "$data"
 fi
 extra=()

@@ -32,7 +32,8 @@ done
 # --- 1. Debian packages -------------------------------------------------------------------
 packages=(build-essential cmake ninja-build ccache pkg-config git python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libspdlog-dev libfmt-dev
-          libgtest-dev libyaml-cpp-dev libcli11-dev libstb-dev zlib1g-dev libssl-dev)
+          libgtest-dev libyaml-cpp-dev libcli11-dev libstb-dev zlib1g-dev libssl-dev
+          python3-h5py)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,8 +1,7 @@
-// model/diffusion.cpp: beta schedules, the likelihood terms, and GaussianDiffusion.
+// model/diffusion.cpp: GaussianDiffusion: options, training losses, samplers and the bound.
 //
-// Reference parity notes. Schedules and buffers use the reference's float64 torch operations in
-// its order (including `1. / x` as reciprocal and the sigmoid schedule's float32 constants), so the
-// float32 buffers are bit-identical. The samplers consume random numbers exactly like the reference
+// Reference parity notes. Buffers are built from model/schedules.cpp in float64 and stored as
+// float32, bit-identical to the reference's. The samplers consume random numbers exactly like the reference
 // (same shapes, same order, same count) so a seeded CPU generator reproduces its samples.
 #include "model/diffusion.h"
 
@@ -11,100 +10,12 @@
 #include <numbers>
 #include <stdexcept>
 
-#include "model/json.h"
+#include "util/json.h"
 #include "model/likelihood.h"
 #include "model/schedules.h"
 
 namespace diffuse::model {
-
-// ---------------------------------------------------------------------------------------------
-// Schedules
-
-torch::Tensor linear_beta_schedule(int64_t timesteps) {
-  const double scale = 1000.0 / static_cast<double>(timesteps);
-  return torch::linspace(scale * 0.0001, scale * 0.02, timesteps, torch::kFloat64);
-}
-
-torch::Tensor cosine_beta_schedule(int64_t timesteps, double s) {
-  auto t = torch::linspace(0, static_cast<double>(timesteps), timesteps + 1, torch::kFloat64) / timesteps;
-  auto alphas_cumprod = torch::cos((t + s) / (1 + s) * std::numbers::pi * 0.5).pow(2);
-  alphas_cumprod = alphas_cumprod / alphas_cumprod[0];
-  auto betas = 1 - (alphas_cumprod.slice(0, 1) / alphas_cumprod.slice(0, 0, -1));
-  return torch::clamp(betas, 0, 0.999);
-}
-
-torch::Tensor sigmoid_beta_schedule(int64_t timesteps, double start, double end, double tau) {
-  auto t = torch::linspace(0, static_cast<double>(timesteps), timesteps + 1, torch::kFloat64) / timesteps;
-  // The reference builds these with torch.tensor(python float): float32 0-dim tensors. Added to a
-  // float64 vector they are promoted, but their difference is taken in float32 (quirk kept: pure
-  // float64 constants move betas by up to 6.5e-6).
-  auto v_start = torch::scalar_tensor(start / tau, torch::kFloat32).sigmoid();
-  auto v_end = torch::scalar_tensor(end / tau, torch::kFloat32).sigmoid();
-  auto alphas_cumprod = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start);
-  alphas_cumprod = alphas_cumprod / alphas_cumprod[0];
-  auto betas = 1 - (alphas_cumprod.slice(0, 1) / alphas_cumprod.slice(0, 0, -1));
-  return torch::clamp(betas, 0, 0.999);
-}
-
-torch::Tensor beta_schedule(const std::string& name, int64_t timesteps) {
-  if (name == "linear") return linear_beta_schedule(timesteps);
-  if (name == "cosine") return cosine_beta_schedule(timesteps);
-  if (name == "sigmoid") return sigmoid_beta_schedule(timesteps);
-  throw std::invalid_argument("unknown beta schedule '" + name + "' (allowed: linear, cosine, sigmoid)");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Likelihood terms
-
-torch::Tensor normal_kl(const torch::Tensor& mean1, const torch::Tensor& logvar1, const torch::Tensor& mean2,
-                        const torch::Tensor& logvar2) {
-  return 0.5 * (-1.0 + logvar2 - logvar1 + torch::exp(logvar1 - logvar2) +
-                (mean1 - mean2).pow(2) * torch::exp(-logvar2));
-}
-
-namespace {
-
-// log(1 - exp(x)) for x <= 0 (Maechler's log1mexp). Each branch sees only inputs where it is safe,
-// so neither the value nor the gradient of the unused branch can be NaN.
-torch::Tensor log1mexp(const torch::Tensor& x) {
-  const double cut = -std::numbers::ln2;
-  auto near = x > cut;
-  auto x_near = torch::where(near, x, torch::full_like(x, -1.0));
-  auto x_far = torch::where(near, torch::full_like(x, -1.0), x);
-  return torch::where(near, torch::log(-torch::expm1(x_near)), torch::log1p(-torch::exp(x_far)));
-}
-
-}  // namespace
-
-torch::Tensor log_normal_cdf_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  auto a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
-  // In the upper tail both CDFs round to 1 and their difference cancels; mirror the interval so
-  // both ends sit in the lower tail, where log_ndtr keeps full relative precision.
-  auto flip = a64 > 0;
-  auto lo = torch::where(flip, -b64, a64);
-  auto hi = torch::where(flip, -a64, b64);
-  auto log_hi = torch::special::log_ndtr(hi);
-  return log_hi + log1mexp(torch::special::log_ndtr(lo) - log_hi);
-}
-
-torch::Tensor discretized_gaussian_log_likelihood(const torch::Tensor& x, const torch::Tensor& means,
-                                                  const torch::Tensor& log_scales) {
-  TORCH_CHECK(x.sizes() == means.sizes() && x.sizes() == log_scales.sizes(),
-              "discretized_gaussian_log_likelihood: x, means and log_scales must have one shape, got ", x.sizes(),
-              ", ", means.sizes(), ", ", log_scales.sizes());
-  auto x64 = x.to(torch::kFloat64);
-  auto centered = x64 - means.to(torch::kFloat64);
-  auto inv_stdv = torch::exp(-log_scales.to(torch::kFloat64));
-  auto plus_in = inv_stdv * (centered + 1.0 / 255.0);
-  auto min_in = inv_stdv * (centered - 1.0 / 255.0);
-  // Edge buckets reach to -inf / +inf: P = Phi(plus_in) at x = -1 and 1 - Phi(min_in) = Phi(-min_in)
-  // at x = 1. Every branch works on finite inputs, so no inf reaches a gradient.
-  auto lower_edge = torch::special::log_ndtr(plus_in);
-  auto upper_edge = torch::special::log_ndtr(-min_in);
-  auto interior = log_normal_cdf_diff(min_in, plus_in);
-  auto log_probs = torch::where(x64 < -0.999, lower_edge, torch::where(x64 > 0.999, upper_edge, interior));
-  return log_probs.to(x.scalar_type());
-}
+namespace json = util::json;
 
 // ---------------------------------------------------------------------------------------------
 // Options

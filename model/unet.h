@@ -112,4 +112,10 @@ TORCH_MODULE(Unet);
 /// activations, softmax, biases, resampling) is not counted. Forward + backward is about 3x this.
 int64_t unet_forward_flops(const UnetOptions& options, int64_t image_size, int64_t batch = 1);
 
+/// A lower bound on the activation values (elements) one image keeps alive for the backward pass
+/// of a training step: the inputs and outputs of every convolution, norm and activation of the
+/// resnet blocks, attention's projections (and, for full attention, its score matrix), and the
+/// skip connections. For refusing impossible batch sizes up front; real use is higher.
+int64_t unet_activation_elements(const UnetOptions& options, int64_t image_size);
+
 }  // namespace diffuse::model

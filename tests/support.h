@@ -92,4 +92,21 @@ inline std::string mpirun(int ranks) {
          std::to_string(ranks) + " --oversubscribe --bind-to none ";
 }
 
+/// Whether `fn` throws an exception whose message contains every one of `needles`.
+template <typename Fn>
+::testing::AssertionResult throws_with(Fn&& fn, const std::vector<std::string>& needles) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    for (const auto& n : needles) {
+      if (what.find(n) == std::string::npos) {
+        return ::testing::AssertionFailure() << "message lacks '" << n << "': " << what;
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure() << "no exception thrown";
+}
+
 }  // namespace diffuse::testing

@@ -60,15 +60,15 @@
 // with `per_rank_inherited` set (the caller decides what inherited state means, e.g. re-derive the
 // loader position from the global sample count and re-seed the RNG from (seed, rank)).
 //
-// Test hook: with DIFFUSE_TEST_FAIL_CHECKPOINT_RANK=<r> in the environment, rank r's shard write
-// fails (after the shard file is written, so cleanup is exercised) with a "test hook" error; add
-// DIFFUSE_TEST_FAIL_CHECKPOINT_STEP=<s> to fail only the save of step s. Never set these in a real run.
+// The manifest's schema and JSON live in trainer/checkpoint_manifest.h; `diffuse inspect`'s summary
+// in trainer/checkpoint_inspect.h.
 #pragma once
 
 #include <torch/torch.h>
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -77,18 +77,12 @@
 #include <vector>
 
 #include "dist/context.h"
+#include "trainer/checkpoint_manifest.h"
 
 namespace diffuse::trainer {
 
 /// Named tensors in a fixed order.
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
-
-/// A checkpoint could not be written, read or verified. On a collective save or load every rank
-/// throws the same message.
-class CheckpointError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 /// What a checkpoint holds. Tensors may live on any device; they are saved from a CPU copy.
 struct CheckpointContents {
@@ -141,12 +135,17 @@ struct SavedCheckpoint {
   std::vector<std::string> warnings;           ///< e.g. a retention deletion that failed
 };
 
+/// Called by each rank right after it wrote its shard of step `step`; a throw fails that rank's
+/// part of the save (after the file exists, so cleanup is exercised). For fault tests only: the
+/// program installs one from DIFFUSE_TEST_FAIL_CHECKPOINT_RANK/_STEP (app/test_hooks.cpp).
+using ShardWrittenHook = std::function<void(int rank, int64_t step, const std::filesystem::path& shard)>;
+
 /// The checkpoints of one run directory, shared by all ranks.
 class CheckpointStore {
  public:
   /// `checkpoints_dir` is created on the first save. Throws std::invalid_argument on a negative policy.
-  CheckpointStore(std::filesystem::path checkpoints_dir, const dist::Context& ctx,
-                  RetentionPolicy policy = {});
+  CheckpointStore(std::filesystem::path checkpoints_dir, const dist::HostCollective& ranks,
+                  RetentionPolicy policy = {}, ShardWrittenHook after_shard_written = {});
 
   /// Collective: every rank calls it with the same step. Writes step-NNNNNN/ atomically, then
   /// points `latest` at it, then applies retention. Throws CheckpointError on every rank when any
@@ -166,21 +165,25 @@ class CheckpointStore {
 
  private:
   std::filesystem::path dir_;
-  const dist::Context& ctx_;
+  const dist::HostCollective& ranks_;
   RetentionPolicy policy_;
+  ShardWrittenHook after_shard_written_;
 };
 
-/// `diffuse inspect`: a human-readable summary of one checkpoint and whether it checks out.
-struct CheckpointSummary {
-  std::string text;
-  bool ok = false;  ///< manifest readable and every shard's size (and hash, if verified) correct
+/// Where a path given on the command line points: a checkpoint directory (with a manifest), or
+/// a run directory, a checkpoints directory or a `latest` link (then the newest good checkpoint
+/// first, older ones after it as fallbacks). `warnings` name what was skipped. Throws
+/// CheckpointError when the path is none of these.
+struct CheckpointCandidates {
+  bool explicit_dir = false;  ///< one named directory: any defect is an error
+  std::vector<std::filesystem::path> dirs;
+  std::vector<std::string> warnings;
 };
+CheckpointCandidates locate_checkpoints(const std::filesystem::path& path);
 
-/// Summarises a checkpoint directory (or a run directory, a checkpoints directory or a `latest`
-/// link, meaning the checkpoint `latest` points to): step, saving world size, creation time,
-/// metadata, tensor counts and bytes, each shard with OK/FAILED, and the config. No MPI. Throws
-/// CheckpointError when no manifest can be found or parsed.
-CheckpointSummary describe_checkpoint(const std::filesystem::path& path, bool verify_hashes = true);
+/// Size and (optionally) SHA-256 of one shard against the manifest; "" when it checks out,
+/// otherwise the problem in words.
+std::string verify_shard(const std::filesystem::path& dir, const ShardEntry& shard, bool verify_hash);
 
 /// Reads one checkpoint in a single process without collectives (for `diffuse sample/export/eval`
 /// and scripts). `path` is a checkpoint directory (strict: any defect throws), or a run directory,

@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <fstream>
+#include <algorithm>
 #include <functional>
 #include <set>
 #include <sstream>
@@ -14,8 +15,88 @@
 namespace diffuse::trainer {
 namespace {
 
+/// One of a fixed set of words, stored as an enum.
+struct Choice {
+  std::vector<std::string> names;
+  std::function<std::string()> get;
+  std::function<void(const std::string&)> set;  ///< only called with one of `names`
+};
+
 using FieldRef = std::variant<int64_t*, double*, bool*, std::string*, std::vector<int64_t>*,
-                              std::vector<bool>*, std::vector<double>*>;
+                              std::vector<bool>*, std::vector<double>*, Choice>;
+
+template <typename Enum>
+const std::vector<std::pair<Enum, const char*>>& names_of();
+template <>
+const std::vector<std::pair<Precision, const char*>>& names_of() {
+  static const std::vector<std::pair<Precision, const char*>> names{
+      {Precision::kFp32, "fp32"}, {Precision::kBf16, "bf16"}, {Precision::kFp16, "fp16"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<DeviceChoice, const char*>>& names_of() {
+  static const std::vector<std::pair<DeviceChoice, const char*>> names{
+      {DeviceChoice::kAuto, "auto"}, {DeviceChoice::kCpu, "cpu"}, {DeviceChoice::kCuda, "cuda"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<GradCompression, const char*>>& names_of() {
+  static const std::vector<std::pair<GradCompression, const char*>> names{
+      {GradCompression::kNone, "none"}, {GradCompression::kBf16, "bf16"}, {GradCompression::kFp16, "fp16"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<LrScheduleKind, const char*>>& names_of() {
+  static const std::vector<std::pair<LrScheduleKind, const char*>> names{{LrScheduleKind::kConstant, "constant"},
+                                                                         {LrScheduleKind::kCosine, "cosine"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<Objective, const char*>>& names_of() {
+  static const std::vector<std::pair<Objective, const char*>> names{
+      {Objective::kPredNoise, "pred_noise"}, {Objective::kPredX0, "pred_x0"}, {Objective::kPredV, "pred_v"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<BetaSchedule, const char*>>& names_of() {
+  static const std::vector<std::pair<BetaSchedule, const char*>> names{
+      {BetaSchedule::kLinear, "linear"}, {BetaSchedule::kCosine, "cosine"}, {BetaSchedule::kSigmoid, "sigmoid"}};
+  return names;
+}
+template <>
+const std::vector<std::pair<TimestepSamplerKind, const char*>>& names_of() {
+  static const std::vector<std::pair<TimestepSamplerKind, const char*>> names{
+      {TimestepSamplerKind::kUniform, "uniform"}, {TimestepSamplerKind::kLossAware, "loss-aware"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<NonfinitePolicy, const char*>>& names_of() {
+  static const std::vector<std::pair<NonfinitePolicy, const char*>> names{{NonfinitePolicy::kStop, "stop"},
+                                                                          {NonfinitePolicy::kSkip, "skip"}};
+  return names;
+}
+
+template <typename Enum>
+std::string name_of(Enum value) {
+  for (const auto& [candidate, name] : names_of<Enum>()) {
+    if (candidate == value) return name;
+  }
+  throw std::logic_error("config choice without a name");
+}
+
+template <typename Enum>
+Choice choice(Enum* target) {
+  Choice c;
+  for (const auto& [value, name] : names_of<Enum>()) c.names.emplace_back(name);
+  c.get = [target] { return name_of(*target); };
+  c.set = [target](const std::string& text) {
+    for (const auto& [value, name] : names_of<Enum>()) {
+      if (text == name) *target = value;
+    }
+  };
+  return c;
+}
 
 struct Field {
   std::string section;
@@ -42,13 +123,13 @@ std::vector<Field> fields_of(Config& c) {
       {"model", "full_attn", &c.model.full_attn},
       {"model", "flash_attn", &c.model.flash_attn},
       {"diffusion", "timesteps", &c.diffusion.timesteps},
-      {"diffusion", "objective", &c.diffusion.objective},
-      {"diffusion", "beta_schedule", &c.diffusion.beta_schedule},
+      {"diffusion", "objective", choice(&c.diffusion.objective)},
+      {"diffusion", "beta_schedule", choice(&c.diffusion.beta_schedule)},
       {"diffusion", "min_snr_loss_weight", &c.diffusion.min_snr_loss_weight},
       {"diffusion", "min_snr_gamma", &c.diffusion.min_snr_gamma},
       {"diffusion", "offset_noise_strength", &c.diffusion.offset_noise_strength},
       {"diffusion", "vlb_weight", &c.diffusion.vlb_weight},
-      {"diffusion", "timestep_sampler", &c.diffusion.timestep_sampler},
+      {"diffusion", "timestep_sampler", choice(&c.diffusion.timestep_sampler)},
       {"data", "path", &c.data.path},
       {"data", "image_size", &c.data.image_size},
       {"data", "random_flip", &c.data.random_flip},
@@ -58,7 +139,7 @@ std::vector<Field> fields_of(Config& c) {
       {"train", "batch_size", &c.train.batch_size},
       {"train", "accumulate", &c.train.accumulate},
       {"train", "lr", &c.train.lr},
-      {"train", "lr_schedule", &c.train.lr_schedule},
+      {"train", "lr_schedule", choice(&c.train.lr_schedule)},
       {"train", "warmup_steps", &c.train.warmup_steps},
       {"train", "min_lr_ratio", &c.train.min_lr_ratio},
       {"train", "weight_decay", &c.train.weight_decay},
@@ -66,17 +147,19 @@ std::vector<Field> fields_of(Config& c) {
       {"train", "adam_beta2", &c.train.adam_beta2},
       {"train", "adam_eps", &c.train.adam_eps},
       {"train", "max_grad_norm", &c.train.max_grad_norm},
-      {"train", "precision", &c.train.precision},
+      {"train", "precision", choice(&c.train.precision)},
       {"train", "seed", &c.train.seed},
-      {"train", "device", &c.train.device},
+      {"train", "device", choice(&c.train.device)},
       {"train", "bucket_cap_mb", &c.train.bucket_cap_mb},
-      {"train", "grad_compression", &c.train.grad_compression},
+      {"train", "grad_compression", choice(&c.train.grad_compression)},
       {"train", "collective_timeout_s", &c.train.collective_timeout_s},
       {"train", "loss_scale_init", &c.train.loss_scale_init},
       {"train", "loss_scale_growth_interval", &c.train.loss_scale_growth_interval},
       {"train", "max_consecutive_skipped", &c.train.max_consecutive_skipped},
       {"train", "min_loss_scale", &c.train.min_loss_scale},
       {"train", "channels_last", &c.train.channels_last},
+      {"train", "on_nonfinite", choice(&c.train.on_nonfinite)},
+      {"train", "max_nonfinite_skips", &c.train.max_nonfinite_skips},
       {"ema", "decay", &c.ema.decay},
       {"ema", "update_every", &c.ema.update_every},
       {"ema", "update_after_step", &c.ema.update_after_step},
@@ -97,8 +180,9 @@ std::vector<Field> fields_of(Config& c) {
 
 std::string type_name(const FieldRef& ref) {
   return std::visit(
-      [](auto* p) -> std::string {
-        using T = std::remove_pointer_t<decltype(p)>;
+      [](const auto& p) -> std::string {
+        using T = std::remove_pointer_t<std::decay_t<decltype(p)>>;
+        if constexpr (std::is_same_v<T, Choice>) return "one of: " + join(p.names, ", ");
         if constexpr (std::is_same_v<T, int64_t>) return "an integer";
         if constexpr (std::is_same_v<T, double>) return "a number";
         if constexpr (std::is_same_v<T, bool>) return "true or false";
@@ -125,9 +209,16 @@ T scalar_as(const YAML::Node& node) {
 void assign(const Field& field, const YAML::Node& node) {
   try {
     std::visit(
-        [&](auto* p) {
-          using T = std::remove_pointer_t<decltype(p)>;
-          if constexpr (std::is_same_v<T, std::vector<double>>) {
+        [&](const auto& p) {
+          using T = std::remove_pointer_t<std::decay_t<decltype(p)>>;
+          if constexpr (std::is_same_v<T, Choice>) {
+            if (!node.IsScalar()) throw YAML::BadConversion(node.Mark());
+            const auto text = node.as<std::string>();
+            if (std::find(p.names.begin(), p.names.end(), text) == p.names.end()) {
+              throw YAML::BadConversion(node.Mark());
+            }
+            p.set(text);
+          } else if constexpr (std::is_same_v<T, std::vector<double>>) {
             if (node.IsScalar()) {
               *p = {scalar_as<double>(node)};
             } else if (node.IsSequence()) {
@@ -173,9 +264,11 @@ std::string shortest_text(double value) {
 
 void emit(YAML::Emitter& out, const FieldRef& ref) {
   std::visit(
-      [&](auto* p) {
-        using T = std::remove_pointer_t<decltype(p)>;
-        if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<bool>>) {
+      [&](const auto& p) {
+        using T = std::remove_pointer_t<std::decay_t<decltype(p)>>;
+        if constexpr (std::is_same_v<T, Choice>) {
+          out << p.get();
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>> || std::is_same_v<T, std::vector<bool>>) {
           out << YAML::Flow << YAML::BeginSeq;
           for (auto v : *p) out << static_cast<typename T::value_type>(v);
           out << YAML::EndSeq;
@@ -214,13 +307,6 @@ const std::vector<std::string>& sections() {
 
 void require(bool ok, const std::string& key, const std::string& value, const std::string& allowed) {
   if (!ok) throw std::invalid_argument("config key " + key + ": got " + value + ", expected " + allowed);
-}
-
-void require_choice(const std::string& key, const std::string& value, const std::vector<std::string>& choices) {
-  for (const auto& choice : choices) {
-    if (value == choice) return;
-  }
-  require(false, key, "'" + value + "'", "one of: " + join(choices, ", "));
 }
 
 }  // namespace
@@ -338,13 +424,10 @@ void Config::validate() const {
           "empty, one entry, or one per stage (" + std::to_string(model.dim_mults.size()) + ")");
 
   positive("diffusion.timesteps", diffusion.timesteps);
-  require_choice("diffusion.objective", diffusion.objective, {"pred_noise", "pred_x0", "pred_v"});
-  require_choice("diffusion.beta_schedule", diffusion.beta_schedule, {"linear", "cosine", "sigmoid"});
   require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", std::to_string(diffusion.min_snr_gamma), "> 0");
   require(diffusion.offset_noise_strength >= 0, "diffusion.offset_noise_strength",
           std::to_string(diffusion.offset_noise_strength), ">= 0");
   require(diffusion.vlb_weight >= 0, "diffusion.vlb_weight", std::to_string(diffusion.vlb_weight), ">= 0");
-  require_choice("diffusion.timestep_sampler", diffusion.timestep_sampler, {"uniform", "loss-aware"});
 
   require(!data.path.empty(), "data.path", "''", "the path of an HDF5 dataset made by `diffuse prep`");
   int64_t factor = int64_t{1} << (model.dim_mults.size() - 1);
@@ -358,7 +441,6 @@ void Config::validate() const {
   positive("train.batch_size", train.batch_size);
   positive("train.accumulate", train.accumulate);
   require(train.lr > 0, "train.lr", std::to_string(train.lr), "a learning rate > 0");
-  require_choice("train.lr_schedule", train.lr_schedule, {"constant", "cosine"});
   non_negative("train.warmup_steps", train.warmup_steps);
   require(train.min_lr_ratio >= 0 && train.min_lr_ratio <= 1, "train.min_lr_ratio", std::to_string(train.min_lr_ratio),
           "0..1");
@@ -367,16 +449,14 @@ void Config::validate() const {
   require(train.adam_beta2 >= 0 && train.adam_beta2 < 1, "train.adam_beta2", std::to_string(train.adam_beta2), "0..1");
   require(train.adam_eps > 0, "train.adam_eps", std::to_string(train.adam_eps), "> 0");
   require(train.max_grad_norm >= 0, "train.max_grad_norm", std::to_string(train.max_grad_norm), ">= 0 (0 disables)");
-  require_choice("train.precision", train.precision, {"fp32", "bf16", "fp16"});
   require(train.seed >= 0, "train.seed", std::to_string(train.seed), "an integer >= 0");
-  require_choice("train.device", train.device, {"auto", "cpu", "cuda"});
   require(train.bucket_cap_mb > 0, "train.bucket_cap_mb", std::to_string(train.bucket_cap_mb), "> 0");
-  require_choice("train.grad_compression", train.grad_compression, {"none", "bf16", "fp16"});
   require(train.collective_timeout_s > 0, "train.collective_timeout_s", std::to_string(train.collective_timeout_s),
           "> 0 seconds");
   require(train.loss_scale_init > 0, "train.loss_scale_init", std::to_string(train.loss_scale_init), "> 0");
   positive("train.loss_scale_growth_interval", train.loss_scale_growth_interval);
   positive("train.max_consecutive_skipped", train.max_consecutive_skipped);
+  positive("train.max_nonfinite_skips", train.max_nonfinite_skips);
   require(train.min_loss_scale > 0, "train.min_loss_scale", std::to_string(train.min_loss_scale), "> 0");
 
   require(!ema.decay.empty(), "ema.decay", "[]", "one or more decay rates in (0, 1)");
@@ -397,6 +477,26 @@ void Config::validate() const {
   positive("log.sample_steps", log.sample_steps);
   require(log.sample_steps <= diffusion.timesteps, "log.sample_steps", std::to_string(log.sample_steps),
           "at most diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+}
+
+std::string to_string(Precision value) { return name_of(value); }
+std::string to_string(DeviceChoice value) { return name_of(value); }
+std::string to_string(GradCompression value) { return name_of(value); }
+std::string to_string(LrScheduleKind value) { return name_of(value); }
+std::string to_string(Objective value) { return name_of(value); }
+std::string to_string(BetaSchedule value) { return name_of(value); }
+std::string to_string(TimestepSamplerKind value) { return name_of(value); }
+std::string to_string(NonfinitePolicy value) { return name_of(value); }
+
+std::vector<std::pair<std::string, std::string>> Config::values() const {
+  auto fields = fields_of(const_cast<Config&>(*this));
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& field : fields) {
+    YAML::Emitter text;
+    emit(text, field.ref);
+    out.emplace_back(field.section + "." + field.key, text.c_str());
+  }
+  return out;
 }
 
 std::vector<std::string> config_keys() {

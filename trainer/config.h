@@ -12,9 +12,30 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffuse::trainer {
+
+// The choices a config offers, parsed once when the config is read; to_string() gives the config's
+// spelling back (for the written config, logs and messages).
+enum class Precision { kFp32, kBf16, kFp16 };
+enum class DeviceChoice { kAuto, kCpu, kCuda };
+enum class GradCompression { kNone, kBf16, kFp16 };
+enum class LrScheduleKind { kConstant, kCosine };
+enum class Objective { kPredNoise, kPredX0, kPredV };
+enum class BetaSchedule { kLinear, kCosine, kSigmoid };
+enum class TimestepSamplerKind { kUniform, kLossAware };
+enum class NonfinitePolicy { kStop, kSkip };
+
+std::string to_string(Precision value);
+std::string to_string(DeviceChoice value);
+std::string to_string(GradCompression value);
+std::string to_string(LrScheduleKind value);
+std::string to_string(Objective value);
+std::string to_string(BetaSchedule value);
+std::string to_string(TimestepSamplerKind value);
+std::string to_string(NonfinitePolicy value);
 
 struct ModelConfig {
   int64_t dim = 64;
@@ -31,13 +52,13 @@ struct ModelConfig {
 
 struct DiffusionConfig {
   int64_t timesteps = 1000;
-  std::string objective = "pred_v";        ///< pred_noise | pred_x0 | pred_v
-  std::string beta_schedule = "sigmoid";   ///< linear | cosine | sigmoid
+  Objective objective = Objective::kPredV;
+  BetaSchedule beta_schedule = BetaSchedule::kSigmoid;
   bool min_snr_loss_weight = false;
   double min_snr_gamma = 5.0;
   double offset_noise_strength = 0.0;
   double vlb_weight = 0.001;               ///< hybrid-loss lambda, learned variance only
-  std::string timestep_sampler = "uniform";  ///< uniform | loss-aware
+  TimestepSamplerKind timestep_sampler = TimestepSamplerKind::kUniform;
 };
 
 struct DataConfig {
@@ -53,7 +74,7 @@ struct TrainConfig {
   int64_t batch_size = 32;        ///< per rank, per micro-step
   int64_t accumulate = 1;         ///< micro-steps per optimizer step
   double lr = 8e-5;
-  std::string lr_schedule = "constant";  ///< constant | cosine (after warm-up)
+  LrScheduleKind lr_schedule = LrScheduleKind::kConstant;  ///< after warm-up
   int64_t warmup_steps = 0;
   double min_lr_ratio = 0.0;      ///< cosine floor as a fraction of lr
   double weight_decay = 0.0;
@@ -61,17 +82,21 @@ struct TrainConfig {
   double adam_beta2 = 0.99;
   double adam_eps = 1e-8;
   double max_grad_norm = 1.0;     ///< 0 disables clipping
-  std::string precision = "fp32";  ///< fp32 | bf16 | fp16
+  Precision precision = Precision::kFp32;
   int64_t seed = 0;
-  std::string device = "auto";    ///< auto | cpu | cuda
+  DeviceChoice device = DeviceChoice::kAuto;
   double bucket_cap_mb = 25.0;
-  std::string grad_compression = "none";  ///< none | bf16 | fp16
+  GradCompression grad_compression = GradCompression::kNone;
   double collective_timeout_s = 600.0;
   double loss_scale_init = 65536.0;
   int64_t loss_scale_growth_interval = 2000;
   int64_t max_consecutive_skipped = 50;   ///< fp16: stop with a diagnosis after this many skipped steps
   double min_loss_scale = 1.0;            ///< fp16: stop when the scale falls below this
   bool channels_last = true;              ///< CUDA only
+  /// A NaN/inf loss or gradient: stop the run (non-zero exit, nothing saved), or drop that step's
+  /// update and go on, stopping after max_nonfinite_skips such steps in a row.
+  NonfinitePolicy on_nonfinite = NonfinitePolicy::kStop;
+  int64_t max_nonfinite_skips = 20;
 };
 
 struct EmaConfig {
@@ -118,6 +143,8 @@ struct Config {
   /// Checks ranges and choices; throws std::invalid_argument naming the key, value and what is allowed.
   void validate() const;
   bool operator==(const Config& other) const { return to_yaml() == other.to_yaml(); }
+  /// Every key with its value as the written config spells it ("train.lr" -> "0.0001"), in order.
+  std::vector<std::pair<std::string, std::string>> values() const;
 };
 
 /// Every `section.key` the configuration accepts (for help texts and tests).

@@ -144,16 +144,4 @@ DoctorReport collect_doctor_report(const dist::Context& ctx, DeviceRequest devic
   return report;
 }
 
-int run_doctor(const dist::Context& ctx, DeviceRequest device) {
-  auto report = collect_doctor_report(ctx, device);
-  auto all = ctx.gather_strings(report.to_text());
-  if (ctx.is_root()) {
-    for (size_t rank = 0; rank < all.size(); ++rank) {
-      std::cout << "diffuse doctor: rank " << rank << "\n" << all[rank];
-    }
-    std::cout.flush();
-  }
-  return static_cast<int>(ctx.max_over_ranks(report.problems.empty() ? 0 : 1));
-}
-
 }  // namespace diffuse::trainer

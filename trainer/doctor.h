@@ -1,4 +1,4 @@
-// trainer/doctor.h: `diffuse doctor`, a per-rank report of everything a cluster user needs to
+// trainer/doctor.h: the environment report behind `diffuse doctor` and every run's env.txt: a per-rank report of everything a cluster user needs to
 // debug a job's environment, and a verdict on whether a run can start.
 #pragma once
 
@@ -24,8 +24,5 @@ struct DoctorReport {
 /// Collects this rank's report (does not communicate).
 DoctorReport collect_doctor_report(const dist::Context& ctx, DeviceRequest device);
 
-/// Gathers every rank's report on rank 0, prints them in rank order to stdout, and returns the
-/// exit code every rank agrees on: 0 when all ranks are usable, 1 otherwise.
-int run_doctor(const dist::Context& ctx, DeviceRequest device);
 
 }  // namespace diffuse::trainer

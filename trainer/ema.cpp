@@ -69,39 +69,47 @@ void Ema::copy_to(const std::vector<torch::Tensor>& targets, size_t index) const
   for (size_t i = 0; i < shadow.size(); ++i) targets[i].copy_(shadow[i]);
 }
 
-std::string Ema::rate_key(size_t index) const {
+std::string Ema::rate_text(double rate) {
   std::ostringstream text;
-  text << "ema." << options_.decays.at(index);
+  text << rate;
   return text.str();
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> Ema::state(const std::vector<std::string>& names) const {
-  if (names.size() != online_.size()) throw std::invalid_argument("Ema::state: names do not match tracked tensors");
+std::vector<std::pair<std::string, torch::Tensor>> Ema::progress_state() const {
+  return {{"step", torch::tensor(step_, torch::kInt64)},
+          {"initialized", torch::tensor(static_cast<int64_t>(initialized_), torch::kInt64)}};
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> Ema::average_state(size_t index,
+                                                                      const std::vector<std::string>& names) const {
+  if (names.size() != online_.size()) throw std::invalid_argument("Ema::average_state: names do not match tracked tensors");
   std::vector<std::pair<std::string, torch::Tensor>> out;
-  out.emplace_back("ema_state.step", torch::tensor(step_, torch::kInt64));
-  out.emplace_back("ema_state.initialized", torch::tensor(static_cast<int64_t>(initialized_), torch::kInt64));
-  for (size_t r = 0; r < shadows_.size(); ++r) {
-    for (size_t i = 0; i < names.size(); ++i) out.emplace_back(rate_key(r) + "." + names[i], shadows_[r][i]);
-  }
+  for (size_t i = 0; i < names.size(); ++i) out.emplace_back(names[i], shadows_.at(index)[i]);
   return out;
 }
 
-void Ema::load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+void Ema::load_state(const std::vector<std::pair<std::string, torch::Tensor>>& progress,
+                     const std::vector<std::vector<std::pair<std::string, torch::Tensor>>>& averages,
                      const std::vector<std::string>& names) {
-  std::map<std::string, torch::Tensor> by_name(tensors.begin(), tensors.end());
-  auto get = [&](const std::string& key) -> const torch::Tensor& {
-    auto it = by_name.find(key);
-    if (it == by_name.end()) throw std::runtime_error("checkpoint has no EMA tensor '" + key + "'");
-    return it->second;
+  if (averages.size() != shadows_.size()) {
+    throw std::runtime_error("the checkpoint keeps " + std::to_string(averages.size()) + " EMA rates, this run " +
+                             std::to_string(shadows_.size()));
+  }
+  auto find = [](const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                 const std::string& key) -> const torch::Tensor& {
+    for (const auto& [name, tensor] : tensors) {
+      if (name == key) return tensor;
+    }
+    throw std::runtime_error("checkpoint has no EMA tensor '" + key + "'");
   };
-  step_ = get("ema_state.step").item<int64_t>();
-  initialized_ = get("ema_state.initialized").item<int64_t>() != 0;
+  step_ = find(progress, "step").item<int64_t>();
+  initialized_ = find(progress, "initialized").item<int64_t>() != 0;
   torch::NoGradGuard no_grad;
   for (size_t r = 0; r < shadows_.size(); ++r) {
     for (size_t i = 0; i < names.size(); ++i) {
-      const auto& saved = get(rate_key(r) + "." + names[i]);
+      const auto& saved = find(averages[r], names[i]);
       if (saved.sizes() != shadows_[r][i].sizes()) {
-        throw std::runtime_error("checkpoint EMA tensor '" + rate_key(r) + "." + names[i] + "' has shape " +
+        throw std::runtime_error("checkpoint EMA tensor '" + rate_text(rate(r)) + "." + names[i] + "' has shape " +
                                  c10::str(saved.sizes()) + ", the model expects " + c10::str(shadows_[r][i].sizes()));
       }
       shadows_[r][i].copy_(saved);

@@ -47,14 +47,19 @@ class Ema {
   /// Copies average `index` into `targets` (same order and shapes as the tracked tensors).
   void copy_to(const std::vector<torch::Tensor>& targets, size_t index) const;
 
-  /// State for checkpoints: "ema.step", "ema.initialized", "ema.<rate>.<i>" in tracked order.
-  std::vector<std::pair<std::string, torch::Tensor>> state(const std::vector<std::string>& names) const;
-  /// Restores what state() produced; throws naming a missing key or a shape mismatch.
-  void load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+  /// The averaging's progress for checkpoints: "step", "initialized".
+  std::vector<std::pair<std::string, torch::Tensor>> progress_state() const;
+  /// Average `index`'s tensors under `names` (the tracked tensors' names, in order).
+  std::vector<std::pair<std::string, torch::Tensor>> average_state(size_t index,
+                                                                   const std::vector<std::string>& names) const;
+  /// Restores what progress_state() and average_state() produced (averages[i] for rate i);
+  /// throws naming a missing key or a shape mismatch.
+  void load_state(const std::vector<std::pair<std::string, torch::Tensor>>& progress,
+                  const std::vector<std::vector<std::pair<std::string, torch::Tensor>>>& averages,
                   const std::vector<std::string>& names);
 
-  /// Key prefix of rate `index` in checkpoints, e.g. "ema.0.9999".
-  std::string rate_key(size_t index) const;
+  /// A rate as checkpoint keys spell it: 0.9999 -> "0.9999" (six significant digits).
+  static std::string rate_text(double rate);
 
  private:
   void copy_from_online();

@@ -6,11 +6,11 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "model/json.h"
+#include "util/json.h"
 
 namespace diffuse::trainer {
 
-namespace json = model::json;
+namespace json = util::json;
 
 std::string step_name(int64_t step) {
   std::ostringstream name;

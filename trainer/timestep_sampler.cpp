@@ -5,17 +5,14 @@
 
 namespace diffuse::trainer {
 
-TimestepSampler::TimestepSampler(std::string kind, int64_t timesteps, int64_t history_per_term, double uniform_prob)
-    : kind_(std::move(kind)), timesteps_(timesteps), history_per_term_(history_per_term), uniform_prob_(uniform_prob) {
-  if (kind_ != "uniform" && kind_ != "loss-aware") {
-    throw std::invalid_argument("timestep sampler must be uniform or loss-aware, got '" + kind_ + "'");
-  }
+TimestepSampler::TimestepSampler(TimestepSamplerKind kind, int64_t timesteps, int64_t history_per_term, double uniform_prob)
+    : kind_(kind), timesteps_(timesteps), history_per_term_(history_per_term), uniform_prob_(uniform_prob) {
   loss_history_ = torch::zeros({timesteps_, history_per_term_}, torch::kFloat64);
   loss_counts_ = torch::zeros({timesteps_}, torch::kInt64);
 }
 
 bool TimestepSampler::warmed_up() const {
-  return kind_ == "loss-aware" && (loss_counts_ == history_per_term_).all().item<bool>();
+  return kind_ == TimestepSamplerKind::kLossAware && (loss_counts_ == history_per_term_).all().item<bool>();
 }
 
 torch::Tensor TimestepSampler::probabilities() const {
@@ -27,7 +24,7 @@ torch::Tensor TimestepSampler::probabilities() const {
 }
 
 TimestepSampler::Draw TimestepSampler::sample(int64_t batch, torch::Generator& generator, torch::Device device) const {
-  if (kind_ == "uniform") {
+  if (kind_ == TimestepSamplerKind::kUniform) {
     auto t = torch::randint(0, timesteps_, {batch}, generator, torch::TensorOptions().dtype(torch::kInt64));
     return {t.to(device), torch::ones({batch}, torch::TensorOptions().device(device))};
   }
@@ -38,7 +35,7 @@ TimestepSampler::Draw TimestepSampler::sample(int64_t batch, torch::Generator& g
 }
 
 void TimestepSampler::update(const torch::Tensor& all_t, const torch::Tensor& all_losses) {
-  if (kind_ != "loss-aware") return;
+  if (kind_ != TimestepSamplerKind::kLossAware) return;
   auto ts = all_t.to(torch::kCPU, torch::kInt64).contiguous();
   auto losses = all_losses.to(torch::kCPU, torch::kFloat64).contiguous();
   auto* t_data = ts.data_ptr<int64_t>();
@@ -59,15 +56,15 @@ void TimestepSampler::update(const torch::Tensor& all_t, const torch::Tensor& al
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> TimestepSampler::state() const {
-  return {{"timestep_sampler.loss_history", loss_history_}, {"timestep_sampler.loss_counts", loss_counts_}};
+  return {{"loss_history", loss_history_}, {"loss_counts", loss_counts_}};
 }
 
 void TimestepSampler::load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
   std::map<std::string, torch::Tensor> by_name(tensors.begin(), tensors.end());
-  auto history = by_name.find("timestep_sampler.loss_history");
-  auto counts = by_name.find("timestep_sampler.loss_counts");
+  auto history = by_name.find("loss_history");
+  auto counts = by_name.find("loss_counts");
   if (history == by_name.end() || counts == by_name.end()) {
-    throw std::runtime_error("checkpoint has no timestep sampler state (timestep_sampler.loss_history/loss_counts)");
+    throw std::runtime_error("checkpoint has no timestep sampler state (loss_history/loss_counts)");
   }
   if (history->second.sizes() != loss_history_.sizes()) {
     throw std::runtime_error("checkpoint timestep sampler history has shape " + c10::str(history->second.sizes()) +

@@ -13,12 +13,13 @@
 #include <utility>
 #include <vector>
 
+#include "trainer/config.h"
+
 namespace diffuse::trainer {
 
 class TimestepSampler {
  public:
-  /// kind: "uniform" or "loss-aware".
-  TimestepSampler(std::string kind, int64_t timesteps, int64_t history_per_term = 10, double uniform_prob = 0.001);
+  TimestepSampler(TimestepSamplerKind kind, int64_t timesteps, int64_t history_per_term = 10, double uniform_prob = 0.001);
 
   struct Draw {
     torch::Tensor t;        ///< [b] int64
@@ -29,7 +30,7 @@ class TimestepSampler {
 
   /// Loss-aware only: feeds every rank's (t, loss) pairs, already gathered in rank order.
   void update(const torch::Tensor& all_t, const torch::Tensor& all_losses);
-  bool needs_losses() const { return kind_ == "loss-aware"; }
+  bool needs_losses() const { return kind_ == TimestepSamplerKind::kLossAware; }
   bool warmed_up() const;
   /// Current sampling probabilities [T] (float64).
   torch::Tensor probabilities() const;
@@ -38,7 +39,7 @@ class TimestepSampler {
   void load_state(const std::vector<std::pair<std::string, torch::Tensor>>& tensors);
 
  private:
-  std::string kind_;
+  TimestepSamplerKind kind_;
   int64_t timesteps_;
   int64_t history_per_term_;
   double uniform_prob_;

@@ -10,59 +10,75 @@
 
 #include <atomic>
 #include <filesystem>
+#include <functional>
 #include <memory>
-#include <optional>
+#include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "dist/context.h"
-#include "model/diffusion.h"
+#include "trainer/checkpoint.h"
 #include "trainer/config.h"
+#include "trainer/step_timer.h"
 
 namespace diffuse::trainer {
 
-/// The U-Net and diffusion the configuration describes (on CPU, fp32).
-model::GaussianDiffusion build_diffusion(const Config& config);
-model::UnetOptions unet_options(const ModelConfig& model);
-model::DiffusionOptions diffusion_options(const Config& config);
+/// Fault-injection points for the launcher tests; empty in real runs. The program installs them
+/// from DIFFUSE_TEST_* variables (app/test_hooks.cpp); library code never reads the environment.
+struct TrainerHooks {
+  /// Called by the loader's I/O thread before it reads batch `index` (e.g. to stall one rank).
+  std::function<void(int64_t index)> before_batch;
+  /// Called after each rank writes its checkpoint shard (a throw fails that rank's save).
+  ShardWrittenHook after_shard_written;
+};
 
 struct RunOptions {
   std::filesystem::path run_dir;  ///< empty: runs/<config name>
   std::string resume;             ///< "" (fresh; refuses a run dir that has checkpoints), "latest", or a checkpoint dir
   bool dry_run = false;           ///< validate config and data, print sizes, exit
+  std::shared_ptr<StepTimer> step_timer;  ///< null: no timing (no device syncs)
+  TrainerHooks hooks;
 };
 
-/// Set by the SIGTERM/SIGUSR1 handler; the training loop polls it at step boundaries.
+/// Set by the SIGTERM/SIGUSR1/SIGINT handler; the training loop polls it at step boundaries.
 std::atomic<int>& stop_signal();
-/// Installs handlers for SIGTERM and SIGUSR1 that only set stop_signal().
+/// Installs handlers for SIGTERM, SIGUSR1 and SIGINT that only set stop_signal(); a second SIGINT
+/// exits at once (status 130). Install before any slow set-up, so an early signal is not lost.
 void install_stop_signal_handlers();
 
-/// Wall seconds of the phases of one training step, for benchmarks (bench/trainer/step_bench).
-/// Each phase ends with a device synchronisation, which is why only profile_steps() fills it.
-struct StepProfile {
-  double data_wait = 0;     ///< loader->next(), summed over micro-batches
-  double forward = 0;       ///< timestep draw, noise, autocast forward and loss
-  double backward = 0;      ///< backward, including the bucket all-reduces it overlaps
-  double exposed_comm = 0;  ///< GradReducer::finish(): all-reduce not hidden behind backward
-  double optimizer = 0;     ///< unscale, clip, fused AdamW, loss-scale update, zero grads
-  double ema = 0;           ///< Ema::update
-  double total = 0;         ///< the whole train_step (the rest is loss bookkeeping)
-  int64_t images = 0;       ///< images this rank trained on
+/// The run stopped because the loss or a gradient became NaN or infinite (train.on_nonfinite).
+class TrainingDiverged : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 class Trainer {
  public:
+  /// Builds every part: validates the config, opens the data, picks the device, creates the
+  /// communicators and broadcasts rank 0's initial weights. Collective.
   Trainer(const dist::Context& ctx, Config config, RunOptions options);
   ~Trainer();
   /// Trains to config.train.steps (or until a stop signal, after checkpointing). Returns the exit code.
   int run();
-  /// Benchmark entry: validates and sets up as run() does, but creates no run directory, loads and
-  /// saves no checkpoint and never logs; runs `steps` training steps and returns their profiles.
-  std::vector<StepProfile> profile_steps(int64_t steps);
+  /// Benchmark entry: runs `steps` optimizer steps without a run directory, checkpoints or logs
+  /// (the injected StepTimer sees each one).
+  void train_steps_for_benchmark(int64_t steps);
 
  private:
-  struct State;
-  std::unique_ptr<State> state_;
+  struct Parts;
+  std::unique_ptr<Parts> parts_;
+
+  void start_or_resume();
+  /// Throws naming every key that changes the saved weights' meaning; logs the other changes.
+  void check_resume(const LoadedCheckpoint& loaded);
+  void write_run_files();
+  int train_loop();
+  void train_step();
+  void log_step(double elapsed);
+  /// Applies train.on_nonfinite to what the device-side guard recorded (syncs; call where the
+  /// loop syncs anyway). Throws TrainingDiverged to stop.
+  void check_divergence();
+  void sample_grid();
+  void save_checkpoint();
 };
 
 }  // namespace diffuse::trainer

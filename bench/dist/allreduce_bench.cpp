@@ -34,13 +34,7 @@
 #include "dist/context.h"
 #include "dist/reducer.h"
 
-// A header check, not a compile definition: every target shares one precompiled header.
-#if __has_include("model/unet.h")
 #include "model/unet.h"
-#define DIFFUSE_BENCH_HAS_UNET 1
-#else
-#define DIFFUSE_BENCH_HAS_UNET 0
-#endif
 
 namespace {
 
@@ -206,70 +200,6 @@ void bandwidth(const dist::Context& ctx, const Options& options,
 
 // --- Part 2 --------------------------------------------------------------------------------
 
-/// Stand-in for the default U-Net (dim 64, dim_mults 1,2,4,8): a down path, a middle and an up
-/// path of 3x3 convolutions at the same widths and resolutions, 35.7 M parameters.
-struct StandIn : torch::nn::Module {
-  StandIn() {
-    const std::vector<int64_t> widths = {64, 128, 256, 512};
-    const std::vector<int> extra = {2, 2, 1, 2};  // convolutions beyond two per level: 35.70 M parameters
-    input = register_module("input", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 64, 3).padding(1)));
-    int64_t channels = 64;
-    for (size_t level = 0; level < widths.size(); ++level) {
-      auto block = torch::nn::Sequential();
-      block->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, widths[level], 3).padding(1)));
-      block->push_back(torch::nn::SiLU());
-      for (int i = 0; i < 1 + extra[level]; ++i) {
-        block->push_back(
-            torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
-        block->push_back(torch::nn::SiLU());
-      }
-      down.push_back(register_module("down" + std::to_string(level), block));
-      channels = widths[level];
-    }
-    auto mid = torch::nn::Sequential();
-    for (int i = 0; i < 4; ++i) {
-      mid->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(512, 512, 3).padding(1)));
-      mid->push_back(torch::nn::SiLU());
-    }
-    middle = register_module("middle", mid);
-    for (size_t level = widths.size(); level-- > 0;) {
-      auto block = torch::nn::Sequential();
-      block->push_back(
-          torch::nn::Conv2d(torch::nn::Conv2dOptions(channels + widths[level], widths[level], 3).padding(1)));
-      block->push_back(torch::nn::SiLU());
-      for (int i = 0; i < 1 + extra[level]; ++i) {
-        block->push_back(
-            torch::nn::Conv2d(torch::nn::Conv2dOptions(widths[level], widths[level], 3).padding(1)));
-        block->push_back(torch::nn::SiLU());
-      }
-      up.push_back(register_module("up" + std::to_string(level), block));
-      channels = widths[level];
-    }
-    output = register_module("output", torch::nn::Conv2d(torch::nn::Conv2dOptions(64, 3, 1)));
-  }
-
-  torch::Tensor forward(torch::Tensor x) {
-    x = input(x);
-    std::vector<torch::Tensor> skips;
-    for (size_t level = 0; level < down.size(); ++level) {
-      x = down[level]->forward(x);
-      skips.push_back(x);
-      if (level + 1 < down.size()) x = torch::avg_pool2d(x, 2);
-    }
-    x = middle->forward(x);
-    for (size_t i = 0; i < up.size(); ++i) {
-      auto skip = skips[skips.size() - 1 - i];
-      if (x.size(-1) != skip.size(-1)) x = torch::upsample_nearest2d(x, {skip.size(-2), skip.size(-1)});
-      x = up[i]->forward(torch::cat({x, skip}, 1));
-    }
-    return output(x);
-  }
-
-  torch::nn::Conv2d input{nullptr}, output{nullptr};
-  torch::nn::Sequential middle{nullptr};
-  std::vector<torch::nn::Sequential> down, up;
-};
-
 /// The network of the overlap measurement and how to run it forward.
 struct Network {
   std::shared_ptr<torch::nn::Module> module;
@@ -278,21 +208,15 @@ struct Network {
 
 Network make_network(const Options& options, torch::Device device) {
   torch::manual_seed(0);
-#if DIFFUSE_BENCH_HAS_UNET
   model::Unet unet{model::UnetOptions{}};
   unet->to(device);
   auto time =
       torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
   return {unet.ptr(), [unet, time](const torch::Tensor& x) mutable { return unet->forward(x, time); }};
-#else
-  auto standin = std::make_shared<StandIn>();
-  standin->to(device);
-  return {standin, [standin](const torch::Tensor& x) { return standin->forward(x); }};
-#endif
 }
 
 const char* network_name() {
-  return DIFFUSE_BENCH_HAS_UNET ? "the default U-Net" : "the stand-in for the U-Net";
+  return "the default U-Net";
 }
 
 void overlap(const dist::Context& ctx, const Options& options, dist::Communicator& comm,

@@ -6,8 +6,8 @@
 //   train.precision=fp32 build/bin/step_bench --checkpoint /scratch/ckpt --config configs/reference-128.yaml
 //   --json ckpt.json
 //
-// Step mode drives the real trainer (Trainer::profile_steps: the same set-up and train_step as
-// `diffuse train`, with a device sync between phases) on a synthetic dataset of random pixels of
+// Step mode drives the real trainer (Trainer::train_steps_for_benchmark with a ProfilingStepTimer:
+// the same set-up and train_step as `diffuse train`, with a device sync between phases) on a synthetic dataset of random pixels of
 // the config's image size written to a temporary file (or --data FILE). Reported per phase: the
 // median over --steps timed steps after --warmup untimed ones. The achieved FLOP/s counts
 // 3 x the analytic U-Net forward FLOPs (forward + backward = 2 x forward) per image; the ratio is
@@ -34,11 +34,12 @@
 #include "data/dataset.h"
 #include "diffuse/build_config.h"
 #include "dist/context.h"
-#include "model/json.h"
+#include "util/json.h"
 #include "model/state_dict.h"
 #include "model/unet.h"
 #include "trainer/checkpoint.h"
 #include "trainer/config.h"
+#include "trainer/model_factory.h"
 #include "trainer/run_directory.h"
 #include "trainer/trainer.h"
 
@@ -161,7 +162,7 @@ class JsonObject {
     fields_.push_back("\"" + key + "\": " + (std::isfinite(value) ? fmt::format("{:.6g}", value) : "null"));
   }
   void text(const std::string& key, const std::string& value) {
-    fields_.push_back("\"" + key + "\": " + diffuse::model::json::quote(value));
+    fields_.push_back("\"" + key + "\": " + diffuse::util::json::quote(value));
   }
   void object(const std::string& key, const JsonObject& value) {
     fields_.push_back("\"" + key + "\": " + value.str());
@@ -209,15 +210,15 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
   } else {
     config.apply_override("data.path=" + a.data.string());
   }
-  bool want_cuda =
-      config.train.device == "cuda" || (config.train.device == "auto" && torch::cuda::is_available());
+  bool want_cuda = config.train.device == tr::DeviceChoice::kCuda ||
+                   (config.train.device == tr::DeviceChoice::kAuto && torch::cuda::is_available());
   torch::Device device = want_cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
 
   JsonObject out;
   out.text("program", "step_bench");
   out.text("config", config.name);
   out.text("device", device.str());
-  out.text("precision", config.train.precision);
+  out.text("precision", tr::to_string(config.train.precision));
   out.number("threads", torch::get_num_threads());
   out.number("world_size", ctx.world_size());
   out.number("batch_per_rank", static_cast<double>(config.train.batch_size * config.train.accumulate));
@@ -242,9 +243,12 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
       static_cast<double>(diffuse::model::unet_forward_flops(unet, config.data.image_size, 1));
   std::vector<tr::StepProfile> profiles;
   {
+    auto timer = std::make_shared<tr::ProfilingStepTimer>(device);
     tr::Trainer trainer(ctx, config,
-                        tr::RunOptions{.run_dir = tmp / fmt::format("step_bench_run_{}", ::getpid())});
-    profiles = trainer.profile_steps(a.warmup + a.steps);
+                        tr::RunOptions{.run_dir = tmp / fmt::format("step_bench_run_{}", ::getpid()),
+                                       .step_timer = timer});
+    trainer.train_steps_for_benchmark(a.warmup + a.steps);
+    profiles = timer->profiles();
   }
   if (!synthetic.empty()) fs::remove(synthetic);
   profiles.erase(profiles.begin(), profiles.begin() + a.warmup);
@@ -272,13 +276,13 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
 
   double images_per_second = static_cast<double>(images_per_step * ctx.world_size()) / total;
   double step_flops = 3.0 * forward_flops * static_cast<double>(images_per_step) / total;  // per rank
-  double ceiling = config.train.precision == "fp32" ? fp32 : bf16;
+  double ceiling = config.train.precision == tr::Precision::kFp32 ? fp32 : bf16;
   out.number("steps_timed", static_cast<double>(a.steps));
   out.number("forward_flops_per_image", forward_flops);
   out.number("images_per_second", images_per_second);
   out.number("step_flops", step_flops);
   out.number("mfu", step_flops / ceiling);
-  out.text("mfu_ceiling", config.train.precision == "fp32" ? "matmul_fp32" : "matmul_bf16");
+  out.text("mfu_ceiling", config.train.precision == tr::Precision::kFp32 ? "matmul_fp32" : "matmul_bf16");
   out.number("peak_rss_bytes", peak_rss_bytes());
   double cuda_peak = NAN;
 #if DIFFUSE_WITH_CUDA
@@ -292,7 +296,7 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
 
   if (ctx.is_root()) {
     std::printf("%s: %s %s, batch %lld/rank x %d rank(s), %dx%d, %d threads\n", config.name.c_str(),
-                device.str().c_str(), config.train.precision.c_str(), static_cast<long long>(images_per_step),
+                device.str().c_str(), tr::to_string(config.train.precision).c_str(), static_cast<long long>(images_per_step),
                 ctx.world_size(), static_cast<int>(config.data.image_size),
                 static_cast<int>(config.data.image_size), torch::get_num_threads());
     std::printf("  step %.4fs: data %.4f fwd %.4f bwd %.4f comm %.4f optim %.4f ema %.4f (median of %lld)\n",
@@ -304,7 +308,7 @@ int run_step(const diffuse::dist::Context& ctx, const Args& a) {
         a.skip_matmul
             ? std::string("no matmul ceiling (--skip-matmul)")
             : fmt::format("{:.1f}% of matmul {} (fp32 {:.1f}, bf16 {:.1f} GFLOP/s)",
-                          100 * step_flops / ceiling, config.train.precision == "fp32" ? "fp32" : "bf16",
+                          100 * step_flops / ceiling, config.train.precision == tr::Precision::kFp32 ? "fp32" : "bf16",
                           fp32 / 1e9, bf16 / 1e9);
     std::printf("  %.1f images/s, %.2f GFLOP/s = %s, peak RSS %.0f MiB\n", images_per_second,
                 step_flops / 1e9, versus.c_str(), peak_rss_bytes() / 1048576);

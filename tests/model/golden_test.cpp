@@ -104,7 +104,7 @@ TEST(Golden, DefaultUnetStateDictKeysShapesAndOrder) {
 }
 
 TEST(Golden, ParameterCountsOfOtherConfigs) {
-  auto counts = model::json::parse(cases().str("param_counts"));
+  auto counts = util::json::parse(cases().str("param_counts"));
   for (const auto& [label, entry] : counts.as_object()) {
     torch::NoGradGuard no_grad;
     Unet unet(UnetOptions::from_json(entry.find("options")->as_string()));
@@ -119,7 +119,7 @@ TEST(Golden, ParameterCountsOfOtherConfigs) {
 }
 
 TEST(Golden, FlopCountMatchesTorchFlopCounter) {
-  auto entries = model::json::parse(cases().str("flops"));
+  auto entries = util::json::parse(cases().str("flops"));
   ASSERT_GE(entries.as_array().size(), 4u);
   for (const auto& e : entries.as_array()) {
     const auto& text = e.find("options")->as_string();

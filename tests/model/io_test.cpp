@@ -1,4 +1,4 @@
-// Weights in and out: the strict JSON reader, safetensors (round trips and every malformed-file
+// Weights in and out: safetensors (round trips and every malformed-file
 // case), and state dicts (PyTorch order, strict loading with actionable errors).
 #include <gtest/gtest.h>
 
@@ -9,72 +9,6 @@
 
 namespace diffuse::testing {
 namespace {
-
-namespace json = model::json;
-
-// ---------------------------------------------------------------------------------------------
-// JSON
-
-TEST(Json, ParsesDocuments) {
-  auto v = json::parse(R"( {"a": [1, -2, 3.5e2, 0], "b": {"c": null, "d": true, "e": false},
-                            "s": "x\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00"} )");
-  const auto& a = v.find("a")->as_array();
-  ASSERT_EQ(a.size(), 4u);
-  EXPECT_EQ(a[0].as_int64(), 1);
-  EXPECT_EQ(a[1].as_int64(), -2);
-  EXPECT_EQ(a[2].as_double(), 350.0);
-  EXPECT_EQ(a[3].as_uint64(), 0u);
-  EXPECT_TRUE(v.find("b")->find("c")->is_null());
-  EXPECT_TRUE(v.find("b")->find("d")->as_bool());
-  EXPECT_EQ(v.find("s")->as_string(), "x\"\\/\b\f\n\r\t\xc3\xa9\xf0\x9f\x98\x80");
-  EXPECT_EQ(v.find("missing"), nullptr);
-  EXPECT_EQ(json::parse("18446744073709551615").as_uint64(), 18446744073709551615ull);
-  EXPECT_EQ(json::parse("-9223372036854775808").as_int64(), INT64_MIN);
-}
-
-TEST(Json, RejectsEverythingOutsideTheGrammar) {
-  const std::vector<std::pair<std::string, std::string>> bad = {
-      {"", "unexpected end"},           {"{", "unexpected end"},
-      {"[1,]", "unexpected character"}, {"{\"a\":1,}", "expected a string key"},
-      {"01", "leading zeros"},          {"1.", "expected a digit"},
-      {"-", "expected a digit"},        {"+1", "unexpected character"},
-      {"NaN", "unexpected character"},  {"tru", "invalid literal"},
-      {"\"abc", "unterminated string"}, {"\"a\x01\"", "control character"},
-      {"\"\\x\"", "invalid escape"},    {"\"\\u12g4\"", "hex digit"},
-      {"\"\\udc00\"", "unpaired low"},  {"\"\\ud800x\"", "unpaired high"},
-      {"{\"a\":1,\"a\":2}", "duplicate key \"a\""},
-      {"[1] 2", "after the JSON value"}, {"\"\xff\"", "invalid UTF-8"},
-      {"\"\xc0\xaf\"", "invalid UTF-8"},  // overlong '/'
-      {"\"\xed\xa0\x80\"", "invalid UTF-8"},  // encoded surrogate
-      {std::string(65, '[') + std::string(65, ']'), "deeper than 64"},
-  };
-  for (const auto& [text, needle] : bad) {
-    EXPECT_TRUE(throws_with([&] { json::parse(text); }, {"JSON error at byte", needle})) << text;
-  }
-  EXPECT_NO_THROW(json::parse(std::string(64, '[') + std::string(64, ']')));
-}
-
-TEST(Json, ConversionsCheckTypeAndRange) {
-  EXPECT_TRUE(throws_with([] { json::parse("1.5").as_int64(); }, {"non-integer"}));
-  EXPECT_TRUE(throws_with([] { json::parse("1e3").as_int64(); }, {"non-integer"}));
-  EXPECT_TRUE(throws_with([] { json::parse("9223372036854775808").as_int64(); }, {"out of range"}));
-  EXPECT_TRUE(throws_with([] { json::parse("-1").as_uint64(); }, {"non-negative"}));
-  EXPECT_TRUE(throws_with([] { json::parse("\"1\"").as_int64(); }, {"expected an integer, got string"}));
-  EXPECT_TRUE(throws_with([] { json::parse("1e999").as_double(); }, {"out of the range"}));
-  EXPECT_TRUE(throws_with([] { json::parse("[]").as_object(); }, {"expected an object, got array"}));
-}
-
-TEST(Json, QuoteAndNumberRoundTrip) {
-  const std::string s = "tab\there \"quoted\" back\\slash \x01 \xc3\xa9";
-  EXPECT_EQ(json::parse(json::quote(s)).as_string(), s);
-  for (double v : {0.0, -0.5, 0.1, 1e-300, 123456789.125, 10000.0, 0.995}) {
-    EXPECT_EQ(json::parse(json::number(v)).as_double(), v);
-  }
-  EXPECT_THROW(json::number(std::nan("")), std::invalid_argument);
-}
-
-// ---------------------------------------------------------------------------------------------
-// safetensors
 
 TEST(Safetensors, RoundTripsEveryDtypeShapeAndMetadata) {
   TempDir dir;

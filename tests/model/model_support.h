@@ -10,8 +10,9 @@
 #include <map>
 #include <string>
 
+#include "support.h"
 #include "model/diffusion.h"
-#include "model/json.h"
+#include "util/json.h"
 #include "model/safetensors.h"
 #include "model/state_dict.h"
 #include "model/unet.h"
@@ -31,7 +32,7 @@ inline std::filesystem::path golden_dir() {
 struct GoldenFile {
   std::map<std::string, torch::Tensor> tensors;
   std::vector<std::pair<std::string, torch::Tensor>> ordered;
-  model::json::Value meta;
+  util::json::Value meta;
 
   const torch::Tensor& at(const std::string& key) const {
     auto it = tensors.find(key);
@@ -50,7 +51,7 @@ inline GoldenFile load_golden(const std::string& name) {
   GoldenFile g;
   g.ordered = file.tensors;
   for (auto& [k, v] : file.tensors) g.tensors.emplace(k, v);
-  g.meta = model::json::parse(file.metadata.at("golden"));
+  g.meta = util::json::parse(file.metadata.at("golden"));
   return g;
 }
 
@@ -93,23 +94,6 @@ inline model::UnetOptions tiny_unet_options(int64_t channels = 3, std::vector<in
   o.attn_heads = {2};
   o.attn_dim_head = {8};
   return o;
-}
-
-/// Whether `fn` throws an exception whose message contains every one of `needles`.
-template <typename Fn>
-::testing::AssertionResult throws_with(Fn&& fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    const std::string what = e.what();
-    for (const auto& n : needles) {
-      if (what.find(n) == std::string::npos) {
-        return ::testing::AssertionFailure() << "message lacks '" << n << "': " << what;
-      }
-    }
-    return ::testing::AssertionSuccess();
-  }
-  return ::testing::AssertionFailure() << "no exception thrown";
 }
 
 }  // namespace diffuse::testing

@@ -2,6 +2,7 @@
 // retention and resharding. Runs as 1, 2 and 4 ranks; every rank runs every test, and a checkpoint
 // "of another world size" is written by rank 0 with write_checkpoint_as_world.
 #include "trainer/checkpoint.h"
+#include "trainer/checkpoint_inspect.h"
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -331,11 +332,17 @@ TEST(Checkpoint, TheNextSaveCleansUpAfterACrashedOne) {
 TEST(Checkpoint, AFailureOnOneRankFailsEveryRankAndChangesNothing) {
   SharedDir run;
   const fs::path checkpoints = run / "checkpoints";
-  CheckpointStore store(checkpoints, ctx());
-  store.save(make_contents(100, rank()));
   const int failing = world() - 1;
+  int64_t failing_step = -1;  // -1: every step
+  bool armed = false;
+  auto hook = [&](int shard_rank, int64_t step, const fs::path& shard) {
+    if (!armed || shard_rank != failing || (failing_step >= 0 && step != failing_step)) return;
+    throw std::runtime_error("test hook: simulated failure after writing " + shard.string());
+  };
+  CheckpointStore store(checkpoints, ctx(), {}, hook);
+  store.save(make_contents(100, rank()));
 
-  ::setenv("DIFFUSE_TEST_FAIL_CHECKPOINT_RANK", std::to_string(failing).c_str(), 1);
+  armed = true;
   std::string message;
   try {
     store.save(make_contents(200, rank()));
@@ -343,7 +350,7 @@ TEST(Checkpoint, AFailureOnOneRankFailsEveryRankAndChangesNothing) {
   } catch (const CheckpointError& e) {
     message = e.what();
   }
-  ::unsetenv("DIFFUSE_TEST_FAIL_CHECKPOINT_RANK");
+  armed = false;
   EXPECT_TRUE(contains(message, "rank " + std::to_string(failing) + ": test hook")) << message;
   EXPECT_TRUE(contains(message, "step 200")) << message;
   // Every rank throws the same message.
@@ -358,13 +365,12 @@ TEST(Checkpoint, AFailureOnOneRankFailsEveryRankAndChangesNothing) {
   EXPECT_EQ(loaded->step, 100);
   EXPECT_TRUE(loaded->warnings.empty());
 
-  // The store is usable after a failed save; the step filter limits the hook to one step.
-  ::setenv("DIFFUSE_TEST_FAIL_CHECKPOINT_RANK", "0", 1);
-  ::setenv("DIFFUSE_TEST_FAIL_CHECKPOINT_STEP", "300", 1);
+  // The store is usable after a failed save; a hook limited to one step fails only that one.
+  armed = true;
+  failing_step = 300;
   EXPECT_NO_THROW(store.save(make_contents(200, rank())));
   EXPECT_THROW(store.save(make_contents(300, rank())), CheckpointError);
-  ::unsetenv("DIFFUSE_TEST_FAIL_CHECKPOINT_RANK");
-  ::unsetenv("DIFFUSE_TEST_FAIL_CHECKPOINT_STEP");
+  armed = false;
   ctx().barrier();
   EXPECT_EQ(names_in(checkpoints), (std::vector<std::string>{"latest", "step-000100", "step-000200"}));
   EXPECT_EQ(latest_target(checkpoints), "step-000200");

@@ -159,6 +159,20 @@ TEST_F(EndToEnd, SigtermCheckpointsAndExitsZeroThenResumes) {
   EXPECT_NE(b.output.find("resumed from"), std::string::npos) << b.output;
 }
 
+TEST_F(EndToEnd, ResumeAllowsTrainingChangesAndRefusesModelChanges) {
+  auto run = path("changes");
+  auto a = train(1, run, "--set train.steps=10");
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b = train(1, run, "--resume latest --set train.steps=15 --set log.sample_steps=40 --set train.lr=1e-4");
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("changed on resume: log.sample_steps 5 -> 40"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("changed on resume: train.lr 0.001 -> 0.0001"), std::string::npos) << b.output;
+  auto c = train(1, run, "--resume latest --set train.steps=20 --set model.dim=16");
+  EXPECT_NE(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("model.dim 8 -> 16"), std::string::npos) << c.output;
+  EXPECT_NE(c.output.find("new run directory"), std::string::npos) << c.output;
+}
+
 TEST_F(EndToEnd, Bf16OnCpuTrains) {
   auto run = path("bf16");
   auto result = train(1, run, "--set train.precision=bf16 --set train.steps=10");

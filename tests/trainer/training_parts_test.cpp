@@ -6,7 +6,10 @@
 
 #include "support.h"
 #include "trainer/config.h"
+#include "trainer/checkpoint_manifest.h"
 #include "trainer/ema.h"
+#include "trainer/model_factory.h"
+#include "trainer/nonfinite_guard.h"
 #include "trainer/optimization.h"
 #include "trainer/run_directory.h"
 #include "trainer/timestep_sampler.h"
@@ -81,8 +84,11 @@ TEST(Config, BadValuesFailValidationByName) {
                                          {"log.sample_steps=5000", "log.sample_steps"}}) {
     Config config;
     config.data.path = "x.h5";
-    config.apply_override(c.assignment);
-    auto message = error_of([&] { config.validate(); });
+    // Choices are checked when read, ranges when validated: either way the key is named.
+    auto message = error_of([&] {
+      config.apply_override(c.assignment);
+      config.validate();
+    });
     EXPECT_NE(message.find(c.key), std::string::npos) << c.assignment << ": " << message;
   }
 }
@@ -95,7 +101,7 @@ TEST(Config, OverridesParseYamlValues) {
   config.apply_override("data.path=/tmp/a=b.h5");
   EXPECT_EQ(config.model.dim_mults, (std::vector<int64_t>{1, 2, 4}));
   EXPECT_EQ(config.ema.decay, (std::vector<double>{0.999}));
-  EXPECT_EQ(config.train.precision, "bf16");
+  EXPECT_EQ(config.train.precision, Precision::kBf16);
   EXPECT_EQ(config.data.path, "/tmp/a=b.h5");
   EXPECT_NE(error_of([&] { config.apply_override("train.nope=1"); }).find("train.nope"), std::string::npos);
   EXPECT_NE(error_of([&] { config.apply_override("steps=1"); }).find("section.key=value"), std::string::npos);
@@ -154,12 +160,12 @@ TEST(Ema, StateRoundTrips) {
     p.add_(1.0);
     ema.update();
   }
-  auto state = ema.state({"w"});
   Ema other({torch::zeros({4, 4})}, EmaOptions{.decays = {0.99, 0.9}, .update_every = 1, .update_after_step = 0});
-  other.load_state(state, {"w"});
+  other.load_state(ema.progress_state(), {ema.average_state(0, {"w"}), ema.average_state(1, {"w"})}, {"w"});
   EXPECT_EQ(other.step(), ema.step());
   EXPECT_TRUE(torch::equal(other.shadow(1)[0], ema.shadow(1)[0]));
-  EXPECT_NE(error_of([&] { other.load_state({}, {"w"}); }).find("ema_state.step"), std::string::npos);
+  EXPECT_NE(error_of([&] { other.load_state({}, {{}, {}}, {"w"}); }).find("'step'"), std::string::npos);
+  EXPECT_EQ(Ema::rate_text(0.9999), "0.9999");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,11 +231,11 @@ TEST(GradScaler, StateRoundTrips) {
 // LR schedule and clipping
 
 TEST(LrSchedule, WarmupThenConstantOrCosine) {
-  LrSchedule constant{.base_lr = 1.0, .warmup_steps = 4, .kind = "constant", .total_steps = 100};
+  LrSchedule constant{.base_lr = 1.0, .warmup_steps = 4, .kind = LrScheduleKind::kConstant, .total_steps = 100};
   EXPECT_DOUBLE_EQ(constant.at(0), 0.25);
   EXPECT_DOUBLE_EQ(constant.at(3), 1.0);
   EXPECT_DOUBLE_EQ(constant.at(50), 1.0);
-  LrSchedule cosine{.base_lr = 1.0, .warmup_steps = 0, .kind = "cosine", .total_steps = 100, .min_lr_ratio = 0.1};
+  LrSchedule cosine{.base_lr = 1.0, .warmup_steps = 0, .kind = LrScheduleKind::kCosine, .total_steps = 100, .min_lr_ratio = 0.1};
   EXPECT_DOUBLE_EQ(cosine.at(0), 1.0);
   EXPECT_NEAR(cosine.at(50), 0.1 + 0.9 * 0.5, 1e-12);
   EXPECT_NEAR(cosine.at(100), 0.1, 1e-12);
@@ -250,7 +256,7 @@ TEST(ClipGradNorm, MatchesTorchDefinition) {
 // Timestep sampler
 
 TEST(TimestepSampler, UniformCoversRangeWithUnitWeights) {
-  TimestepSampler sampler("uniform", 10);
+  TimestepSampler sampler(TimestepSamplerKind::kUniform, 10);
   torch::Generator generator = at::make_generator<at::CPUGeneratorImpl>(1);
   auto draw = sampler.sample(1000, generator, torch::kCPU);
   EXPECT_EQ(draw.t.min().item<int64_t>(), 0);
@@ -259,7 +265,7 @@ TEST(TimestepSampler, UniformCoversRangeWithUnitWeights) {
 }
 
 TEST(TimestepSampler, LossAwareFollowsSecondMomentAndIsUnbiased) {
-  TimestepSampler sampler("loss-aware", 4);
+  TimestepSampler sampler(TimestepSamplerKind::kLossAware, 4);
   EXPECT_FALSE(sampler.warmed_up());
   for (int round = 0; round < 10; ++round) {
     sampler.update(torch::tensor({0, 1, 2, 3}), torch::tensor({1.0, 1.0, 1.0, 3.0}));
@@ -273,7 +279,7 @@ TEST(TimestepSampler, LossAwareFollowsSecondMomentAndIsUnbiased) {
   // Importance weights keep the expected loss unchanged: E_p[w L] = mean_t L_t = 1.5.
   auto losses = torch::tensor({1.0, 1.0, 1.0, 3.0}).index_select(0, draw.t);
   EXPECT_NEAR((draw.weights.to(torch::kFloat64) * losses).mean().item<double>(), 1.5, 0.05);
-  TimestepSampler restored("loss-aware", 4);
+  TimestepSampler restored(TimestepSamplerKind::kLossAware, 4);
   restored.load_state(sampler.state());
   EXPECT_TRUE(torch::equal(restored.probabilities(), p));
 }
@@ -293,6 +299,148 @@ TEST(MetricsLogger, TruncateAfterKeepsOneConsistentHistory) {
   ASSERT_EQ(lines.size(), 4u);
   EXPECT_NE(lines[2].find("\"step\": 30"), std::string::npos) << lines[2];
   EXPECT_NE(lines[3].find("\"loss\": 0.5"), std::string::npos) << lines[3];
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+
+TEST(AdamW, MatchesTorchAdamWAndRoundTripsItsState) {
+  // One step of AdamW from zero moments: the update is lr * g / (|g| + eps) (bias-corrected),
+  // plus decoupled weight decay lr * wd * w.
+  auto w = torch::full({3}, 2.0f).requires_grad_(true);
+  w.mutable_grad() = torch::tensor({0.5f, -1.0f, 2.0f});
+  AdamW adam({w}, {"w"}, AdamWOptions{.beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.1});
+  adam.step(0.01);
+  auto expected = torch::tensor({2.0f * (1 - 0.001f) - 0.01f, 2.0f * (1 - 0.001f) + 0.01f, 2.0f * (1 - 0.001f) - 0.01f});
+  EXPECT_TRUE(torch::allclose(w.detach(), expected, 1e-6, 1e-6)) << w;
+
+  auto v = torch::full({3}, 2.0f).requires_grad_(true);
+  AdamW restored({v}, {"w"}, AdamWOptions{.weight_decay = 0.1});
+  restored.load_state(adam.state());
+  auto state = restored.state();
+  ASSERT_EQ(state.size(), 3u);
+  EXPECT_EQ(state[0].first, "exp_avg.w");
+  EXPECT_EQ(state[2].first, "step");
+  EXPECT_EQ(state[2].second.item<float>(), 1.0f);
+  EXPECT_TRUE(torch::equal(state[1].second, adam.state()[1].second));
+  EXPECT_NE(error_of([&] { restored.load_state({}); }).find("exp_avg.w"), std::string::npos);
+  auto wrong = adam.state();
+  wrong[0].second = torch::zeros({4});
+  EXPECT_NE(error_of([&] { restored.load_state(wrong); }).find("shape"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resume compatibility
+
+TEST(ResumeVerdict, RefusesOnlyWhatChangesTheWeightsMeaning) {
+  Config saved;
+  saved.data.path = "x.h5";
+  Config current = saved;
+  current.apply_override("log.sample_steps=20");
+  current.apply_override("train.lr=1e-4");
+  current.apply_override("diffusion.offset_noise_strength=0.1");
+  current.apply_override("diffusion.vlb_weight=0.01");
+  auto verdict = compare_for_resume(saved, current);
+  EXPECT_TRUE(verdict.refused.empty());
+  ASSERT_EQ(verdict.allowed.size(), 4u);
+  EXPECT_EQ(verdict.allowed[0].key, "diffusion.offset_noise_strength");
+
+  current.apply_override("model.dim=32");
+  current.apply_override("diffusion.objective=pred_noise");
+  verdict = compare_for_resume(saved, current);
+  ASSERT_EQ(verdict.refused.size(), 2u);
+  EXPECT_EQ(verdict.refused[0].key, "model.dim");
+  EXPECT_EQ(verdict.refused[0].before, "64");
+  EXPECT_EQ(verdict.refused[0].after, "32");
+  auto message = resume_refusal_message("ckpt", verdict.refused);
+  for (const char* expected : {"model.dim 64 -> 32", "diffusion.objective pred_v -> pred_noise", "new run directory"}) {
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+  }
+}
+
+TEST(ModelFactory, SamplingStepsAreNotPartOfTheDiffusion) {
+  Config config;
+  config.apply_override("log.sample_steps=7");
+  EXPECT_FALSE(diffusion_options(config).sampling_timesteps.has_value());
+  EXPECT_EQ(diffusion_options(config).objective, "pred_v");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint manifest (no MPI, no files)
+
+TEST(CheckpointManifest, RoundTripsAndRejectsInconsistency) {
+  Manifest m;
+  m.step = 20;
+  m.world_size = 2;
+  m.created = "2026-12-02T00:00:00Z";
+  m.diffuse_version = "0.1.0";
+  m.git_hash = "abc";
+  m.config = "model:\n  dim: 8\n";
+  m.metadata = {{"elapsed_seconds", "1.5"}};
+  for (int r = 0; r < 2; ++r) m.shards.push_back({shard_file_name(r, 2), r, 100 + r, std::string(64, 'a')});
+  m.tensors.push_back({.name = "model.w", .shard = 1, .dtype = "float32", .shape = {2, 3}, .bytes = 24});
+  m.tensors.push_back(
+      {.name = "rank1.rng", .per_rank = true, .rank = 1, .shard = 1, .dtype = "uint8", .shape = {5}, .bytes = 5});
+  auto text = manifest_to_json(m);
+  auto back = parse_manifest(text, "test");
+  EXPECT_EQ(manifest_to_json(back), text);
+  EXPECT_EQ(back.tensors[1].rank, 1);
+
+  auto broken = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    auto at = t.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    t.replace(at, from.size(), to);
+    return error_of([&] { parse_manifest(t, "m.json"); });
+  };
+  EXPECT_NE(broken("\"bytes\": 24", "\"bytes\": 25").find("does not match float32 [2, 3]"), std::string::npos);
+  EXPECT_NE(broken("\"world_size\": 2", "\"world_size\": 3").find("2 shards for world_size 3"), std::string::npos);
+  EXPECT_NE(broken("\"format_version\": 1", "\"format_version\": 9").find("format_version 9"), std::string::npos);
+
+  ShardRecord record{m.shards[1], {m.tensors[1]}};
+  auto wire = shard_record_from_wire(shard_record_to_wire(record), "wire");
+  EXPECT_EQ(wire.shard.sha256, record.shard.sha256);
+  ASSERT_EQ(wire.per_rank_tensors.size(), 1u);
+  EXPECT_EQ(wire.per_rank_tensors[0].name, "rank1.rng");
+  EXPECT_THROW(checkpoint_dtype_name(torch::kComplexFloat), CheckpointError);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Divergence detection
+
+TEST(NonfiniteGuard, FlagsTheStepNamesTheFirstCauseAndCountsRuns) {
+  NonfiniteGuard guard(torch::kCPU);
+  guard.add_losses(torch::tensor({0.5f, 0.25f}));
+  auto drop = guard.end_step(torch::tensor({1.0f, 2.0f, 3.0f}), 1);
+  EXPECT_EQ(drop.item<float>(), 0.0f);
+  guard.add_losses(torch::tensor({0.5f}));
+  drop = guard.end_step(torch::tensor({1.0f, NAN, INFINITY}), 2);
+  EXPECT_EQ(drop.item<float>(), 1.0f);
+  guard.add_losses(torch::tensor({INFINITY}));
+  drop = guard.end_step(torch::tensor({1.0f, 1.0f, 1.0f}), 3);
+  EXPECT_EQ(drop.item<float>(), 1.0f);
+  auto report = guard.read();
+  EXPECT_EQ(report.bad_steps, 2);
+  EXPECT_EQ(report.consecutive, 2);
+  EXPECT_EQ(report.first_step, 2);
+  EXPECT_FALSE(report.first_was_loss);
+  EXPECT_EQ(report.first_parameter, 1);
+  guard.end_step(torch::tensor({1.0f}), 4);
+  EXPECT_EQ(guard.read().consecutive, 0);
+  EXPECT_EQ(guard.read().bad_steps, 2);
+}
+
+TEST(AdamW, ASkippedStepChangesNothing) {
+  auto w = torch::full({3}, 2.0f).requires_grad_(true);
+  w.mutable_grad() = torch::tensor({NAN, 1.0f, 1.0f});
+  AdamW adam({w}, {"w"}, AdamWOptions{});
+  adam.step(0.1, torch::ones({1}));
+  EXPECT_TRUE(torch::equal(w.detach(), torch::full({3}, 2.0f))) << w;
+  EXPECT_EQ(adam.state()[2].second.item<float>(), 0.0f);  // the step count was taken back
+  w.mutable_grad() = torch::tensor({1.0f, 1.0f, 1.0f});
+  adam.step(0.1, torch::zeros({1}));
+  EXPECT_LT(w.detach()[0].item<float>(), 2.0f);
+  EXPECT_EQ(adam.state()[2].second.item<float>(), 1.0f);
 }
 
 }  // namespace

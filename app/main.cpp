@@ -8,7 +8,7 @@
 
 #include "diffuse/build_config.h"
 #include "dist/context.h"
-#include "trainer/commands.h"
+#include "app/commands.h"
 #include "trainer/logging.h"
 
 int main(int argc, char** argv) {
@@ -22,14 +22,14 @@ int main(int argc, char** argv) {
   app.add_option("--log-dir", log_dir, "Write every rank's full log to DIR/rank-N.log");
   app.require_subcommand(1);
 
-  trainer::CommandAction action;
-  trainer::add_doctor_command(app, action);
-  trainer::add_prep_command(app, action);
-  trainer::add_inspect_command(app, action);
-  trainer::add_train_command(app, action);
-  trainer::add_sample_command(app, action);
-  trainer::add_export_command(app, action);
-  trainer::add_eval_command(app, action);
+  app::CommandAction action;
+  app::add_doctor_command(app, action);
+  app::add_prep_command(app, action);
+  app::add_inspect_command(app, action);
+  app::add_train_command(app, action);
+  app::add_sample_command(app, action);
+  app::add_export_command(app, action);
+  app::add_eval_command(app, action);
 
   // CLI11 reports a misspelt subcommand as "a subcommand is required"; name it instead.
   for (int i = 1; i < argc; ++i) {

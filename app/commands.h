@@ -1,4 +1,4 @@
-// trainer/commands.h: the `diffuse` subcommands. Each add_*_command registers its options on the
+// app/commands.h: the `diffuse` subcommands. Each add_*_command registers its options on the
 // CLI and sets the action to run once MPI is up; main() owns parsing, MPI and error handling.
 #pragma once
 
@@ -11,7 +11,11 @@
 
 #include "dist/context.h"
 
-namespace diffuse::trainer {
+namespace diffuse::app {
+
+/// A CLI11 check for counts: an integer >= 1, with a short message naming the value (CLI11's own
+/// PositiveNumber prints the largest double as its bound).
+CLI::Validator positive_integer();
 
 /// What a subcommand does after parsing; returns the process exit code.
 using CommandAction = std::function<int(const dist::Context&)>;
@@ -32,4 +36,4 @@ void add_prep_command(CLI::App& app, CommandAction& action);
 int inspect_dataset_command(const std::filesystem::path& file, const std::optional<std::filesystem::path>& grid,
                             int64_t k);
 
-}  // namespace diffuse::trainer
+}  // namespace diffuse::app

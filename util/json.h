@@ -1,4 +1,4 @@
-// model/json.h: a small strict JSON reader and writer helpers, enough for safetensors headers and
+// util/json.h: a small strict JSON reader and writer helpers, enough for safetensors headers and
 // the model options stored in their `__metadata__`. Strict means RFC 8259 and nothing more: no
 // comments, no trailing commas, no NaN, valid UTF-8 only, duplicate object keys rejected; parse
 // errors name the byte offset. Numbers keep their text so 64-bit offsets never pass through a double.
@@ -12,7 +12,7 @@
 #include <variant>
 #include <vector>
 
-namespace diffuse::model::json {
+namespace diffuse::util::json {
 
 class Value;
 /// Members in document order (order matters to nobody but keeps round trips stable).
@@ -70,4 +70,4 @@ std::string quote(std::string_view s);
 /// The shortest decimal text that reads back as exactly `v` (throws for NaN and infinities).
 std::string number(double v);
 
-}  // namespace diffuse::model::json
+}  // namespace diffuse::util::json

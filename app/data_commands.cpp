@@ -13,10 +13,12 @@
 #include "data/image_io.h"
 #include "data/prep.h"
 #include "data/synthetic.h"
-#include "trainer/commands.h"
+#include "app/commands.h"
 #include "trainer/logging.h"
+#include "util/format.h"
 
-namespace diffuse::trainer {
+namespace diffuse::app {
+namespace log = trainer::log;
 namespace {
 
 namespace fs = std::filesystem;
@@ -39,13 +41,6 @@ std::string duration_text(double seconds) {
   if (s < 60) return fmt::format("{}s", s);
   if (s < 3600) return fmt::format("{}m{:02}s", s / 60, s % 60);
   return fmt::format("{}h{:02}m", s / 3600, (s % 3600) / 60);
-}
-
-std::string bytes_text(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int unit = 0;
-  while (bytes >= 1024 && unit < 4) bytes /= 1024, ++unit;
-  return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.1f} {}", bytes, units[unit]);
 }
 
 /// Progress on stderr with rate and ETA: on a terminal one line rewritten in place (at most ten
@@ -129,7 +124,7 @@ int run_prep(const dist::Context& ctx, const PrepArguments& arguments) {
             grouped(report.written), report.height, report.width, report.channels,
             report.has_labels ? fmt::format(", {} classes", report.class_names.size()) : ", no labels",
             report.skipped_bad.empty() ? "" : fmt::format(", {} unreadable skipped", report.skipped_bad.size()),
-            error ? "size unknown" : bytes_text(static_cast<double>(file_bytes)), duration_text(report.seconds),
+            error ? "size unknown" : util::format_bytes(static_cast<double>(file_bytes)), duration_text(report.seconds),
             grouped(static_cast<int64_t>(report.written / std::max(report.seconds, 1e-9))));
   return 0;
 }
@@ -144,7 +139,7 @@ void add_prep_command(CLI::App& app, CommandAction& action) {
   auto* input = cmd->add_option("input", args->input,
                                 "Folder of images (recursive), idx images file (.gz or not), CIFAR-10 .bin batch "
                                 "or folder of data_batch_N.bin");
-  cmd->add_option("-o,--output", args->output, "Dataset file to write (e.g. data/mnist32.h5)")->required();
+  cmd->add_option("-o,--output", args->output, "Dataset file to write (e.g. datasets/mnist32.h5)")->required();
   cmd->add_option("--size", args->size, "Centre-crop and resize every image to SIZE x SIZE")
       ->check(CLI::Range(int64_t{1}, int64_t{16384}));
   cmd->add_option("--channels", args->channels, "Output channels: 1 (grey) or 3 (RGB); default: the input's")
@@ -180,7 +175,7 @@ int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>&
   std::error_code error;
   const auto file_bytes = fs::file_size(file, error);
   auto row = [](const std::string& key, const std::string& value) { fmt::print("{:<12}{}\n", key, value); };
-  row("dataset", fmt::format("{} ({})", file.string(), error ? "size unknown" : bytes_text(file_bytes)));
+  row("dataset", fmt::format("{} ({})", file.string(), error ? "size unknown" : util::format_bytes(file_bytes)));
   row("format", fmt::format("diffuse image dataset, version {}", info.format_version));
   if (!info.source.empty()) row("source", info.source);
   row("images", fmt::format("{} x {} x {} x {} (N x H x W x C), uint8", grouped(info.count), info.height, info.width,
@@ -191,7 +186,7 @@ int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>&
     int64_t chunk_bytes = 1;
     for (int64_t d : info.chunk_shape) chunk_bytes *= d;
     row("chunks", fmt::format("{} x {} x {} x {} ({} per chunk)", info.chunk_shape[0], info.chunk_shape[1],
-                              info.chunk_shape[2], info.chunk_shape[3], bytes_text(chunk_bytes)));
+                              info.chunk_shape[2], info.chunk_shape[3], util::format_bytes(chunk_bytes)));
   }
   row("compression", info.compression);
   if (!info.has_labels) {
@@ -218,4 +213,4 @@ int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>&
   return 0;
 }
 
-}  // namespace diffuse::trainer
+}  // namespace diffuse::app

@@ -1,77 +1,28 @@
-// The subcommands: their options, and the glue from a checkpoint to sampling, export and
-// likelihood evaluation. Training itself lives in trainer.cpp.
-#include "trainer/commands.h"
-
-#include <ATen/CPUGeneratorImpl.h>
+// app/commands.cpp: the subcommands' options and what each prints. The work is done by the
+// trainer library (trainer/trainer.h, sampling.h, evaluation.h, checkpoint_inspect.h).
+#include "app/commands.h"
 
 #include <cmath>
 #include <iostream>
 #include <memory>
 
-#include "data/dataset.h"
+#include "app/test_hooks.h"
 #include "data/hdf5_tensors.h"
 #include "data/image_io.h"
 #include "dist/communicator.h"
 #include "model/safetensors.h"
 #include "model/state_dict.h"
-#include "trainer/checkpoint.h"
+#include "trainer/checkpoint_inspect.h"
 #include "trainer/doctor.h"
+#include "trainer/evaluation.h"
 #include "trainer/logging.h"
+#include "trainer/memory.h"
+#include "trainer/model_factory.h"
+#include "trainer/sampling.h"
 #include "trainer/trainer.h"
 
-namespace diffuse::trainer {
+namespace diffuse::app {
 namespace {
-
-/// Which weights of a checkpoint to use: an EMA rate ("0.9999"), "ema" (the first rate), or "online".
-struct LoadedModel {
-  Config config;
-  model::GaussianDiffusion diffusion{nullptr};
-  int64_t step = 0;
-  std::string weights;
-};
-
-LoadedModel load_model(const std::filesystem::path& ckpt, const std::string& which, torch::Device device) {
-  auto checkpoint = read_checkpoint_single_process(ckpt);
-  LoadedModel loaded;
-  loaded.config = Config::from_yaml(checkpoint.config_yaml, "checkpoint");
-  loaded.step = checkpoint.step;
-  loaded.diffusion = build_diffusion(loaded.config);
-  std::string prefix;
-  if (which == "online") {
-    prefix = "model.";
-  } else {
-    const auto& decays = loaded.config.ema.decay;
-    std::string rate = which == "ema" ? "" : which;
-    for (double decay : decays) {
-      std::ostringstream key;
-      key << "ema." << decay << ".";
-      std::ostringstream as_text;
-      as_text << decay;
-      if (rate.empty() || rate == as_text.str() || std::abs(std::atof(rate.c_str()) - decay) < 1e-12) {
-        prefix = key.str();
-        break;
-      }
-    }
-    if (prefix.empty()) {
-      std::string available;
-      for (double decay : decays) available += (available.empty() ? "" : ", ") + std::to_string(decay);
-      throw std::invalid_argument("--weights " + which + ": the checkpoint keeps EMA rates " + available +
-                                  " (or use 'online')");
-    }
-  }
-  loaded.weights = prefix.substr(0, prefix.size() - 1);
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  std::map<std::string, torch::Tensor> by_name(checkpoint.replicated.begin(), checkpoint.replicated.end());
-  for (const auto& item : loaded.diffusion->model->named_parameters()) {
-    auto it = by_name.find(prefix + item.key());
-    if (it == by_name.end()) throw std::runtime_error(ckpt.string() + " has no tensor '" + prefix + item.key() + "'");
-    tensors.emplace_back(item.key(), it->second);
-  }
-  model::load_state_dict(*loaded.diffusion->model, tensors);
-  loaded.diffusion->to(device);
-  loaded.diffusion->eval();
-  return loaded;
-}
 
 torch::Device command_device(const dist::Context& ctx, const std::string& device) {
   bool want_cuda = device == "cuda" || (device == "auto" && torch::cuda::is_available());
@@ -88,34 +39,42 @@ struct SampleArgs {
   double eta = 0.0;
 };
 
+/// Checks the outputs before any sampling: a run of hours must not end in "cannot write".
+void check_sample_outputs(const SampleArgs& args) {
+  namespace fs = std::filesystem;
+  if (!args.out.empty() && fs::path(args.out).extension() != ".png") {
+    throw std::invalid_argument("--out " + args.out + ": the grid is written as PNG; name the file *.png");
+  }
+  if (!args.out.empty()) {
+    auto parent = fs::absolute(args.out).parent_path();
+    if (!fs::is_directory(parent)) {
+      throw std::invalid_argument("--out " + args.out + ": the folder " + parent.string() + " does not exist");
+    }
+  }
+  if (!args.out_dir.empty() && fs::exists(args.out_dir) && !fs::is_directory(args.out_dir)) {
+    throw std::invalid_argument("--out-dir " + args.out_dir + " exists and is not a directory");
+  }
+}
+
 int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   if (args.out.empty() && args.out_dir.empty() && args.out_h5.empty()) {
     throw std::invalid_argument("diffuse sample: give --out grid.png, --out-dir DIR or --out-h5 FILE");
   }
+  check_sample_outputs(args);
   auto device = command_device(ctx, args.device);
-  auto loaded = load_model(args.ckpt, args.weights, device);
-  auto comm = command_communicator(ctx, device);
-  int64_t c = loaded.config.model.channels, s = loaded.config.data.image_size;
-  // The initial noise of all n images comes from one seeded CPU stream, so the images do not
-  // depend on how many ranks share the work.
-  int64_t per_rank = (args.n + ctx.world_size() - 1) / ctx.world_size();
-  auto noise_generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(args.seed));
-  auto all_noise = torch::randn({per_rank * ctx.world_size(), c, s, s}, noise_generator);
-  auto mine = all_noise.narrow(0, per_rank * ctx.rank(), per_rank);
-  model::SampleOptions options{.sampler = args.sampler, .steps = args.steps, .eta = args.eta};
-  std::vector<torch::Tensor> chunks;
-  for (int64_t first = 0; first < per_rank; first += args.batch) {
-    int64_t count = std::min(args.batch, per_rank - first);
-    // Each chunk's sampler noise is keyed by its first image's global index: reproducible for any W.
-    int64_t global_first = per_rank * ctx.rank() + first;
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(args.seed) * 1000003ULL +
-                                                               static_cast<uint64_t>(global_first) + 1);
-    torch::NoGradGuard no_grad;
-    auto images = loaded.diffusion->sample_from(mine.narrow(0, first, count).to(device), options, generator);
-    chunks.push_back(images.clamp(0, 1).contiguous());
+  auto loaded = trainer::load_model(args.ckpt, args.weights, device);
+  if (ctx.is_root()) {
+    for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
   }
-  auto local = torch::cat(chunks);
-  auto all = comm->all_gather(local).reshape({-1, c, s, s}).narrow(0, 0, args.n).cpu();
+  int64_t c = loaded.config.model.channels, s = loaded.config.data.image_size;
+  // Rank 0 gathers every image as float32 and converts them to uint8 for the outputs.
+  trainer::require_memory(fmt::format("sample --n {} at {}x{}x{}", args.n, s, s, c),
+                          static_cast<double>(args.n) * static_cast<double>(c * s * s) * (4.0 + 4.0 + 1.0), 1,
+                          torch::kCPU, "sample fewer images per call (several calls with different --seed)");
+  auto comm = command_communicator(ctx, device);
+  trainer::SampleRequest request{.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
+                                 .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta}};
+  auto all = trainer::sample_images(*loaded.diffusion, *comm, request);
   if (ctx.is_root()) {
     if (!args.out.empty()) {
       data::save_image_grid(args.out, all, static_cast<int64_t>(std::ceil(std::sqrt(args.n))));
@@ -142,11 +101,12 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
 }
 
 int run_export(const std::string& ckpt, const std::string& out, const std::string& weights) {
-  auto loaded = load_model(ckpt, weights, torch::kCPU);
+  auto loaded = trainer::load_model(ckpt, weights, torch::kCPU);
+  for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
   std::map<std::string, std::string> metadata{
       {"format", "diffuse"},
-      {"unet_options", unet_options(loaded.config.model).to_json()},
-      {"diffusion_options", diffusion_options(loaded.config).to_json()},
+      {"unet_options", trainer::unet_options(loaded.config.model).to_json()},
+      {"diffusion_options", trainer::diffusion_options(loaded.config).to_json()},
       {"step", std::to_string(loaded.step)},
       {"weights", loaded.weights},
   };
@@ -163,50 +123,52 @@ struct EvalArgs {
 
 int run_eval(const dist::Context& ctx, const EvalArgs& args) {
   auto device = command_device(ctx, args.device);
-  auto loaded = load_model(args.ckpt, args.weights, device);
+  auto loaded = trainer::load_model(args.ckpt, args.weights, device);
+  if (ctx.is_root()) {
+    for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
+  }
   auto comm = command_communicator(ctx, device);
-  auto info = data::read_dataset_info(args.data);
-  if (info.height != loaded.config.data.image_size || info.channels != loaded.config.model.channels) {
-    throw std::invalid_argument(args.data + " holds " + std::to_string(info.height) + "x" + std::to_string(info.width) +
-                                "x" + std::to_string(info.channels) + " images; the model expects " +
-                                std::to_string(loaded.config.data.image_size) + " px, " +
-                                std::to_string(loaded.config.model.channels) + " channels");
-  }
-  int64_t n = std::min(args.n, info.count);
-  int64_t first = n * ctx.rank() / ctx.world_size(), last = n * (ctx.rank() + 1) / ctx.world_size();
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(args.seed) + ctx.rank());
-  // Sums over images: total, prior, decoder, the L_{t-1} terms, and the square of the total.
-  auto sums = torch::zeros({5}, torch::kFloat64);
-  for (int64_t i = first; i < last; i += args.batch) {
-    int64_t count = std::min(args.batch, last - i);
-    auto images = data::read_images(args.data, i, count).permute({0, 3, 1, 2}).to(torch::kFloat32) / 127.5 - 1.0;
-    torch::NoGradGuard no_grad;
-    auto result = loaded.diffusion->vlb_bits_per_dim(images.to(device), generator);
-    auto total = result.total_bpd.to(torch::kCPU, torch::kFloat64);
-    auto vb = result.vb_bpd.to(torch::kCPU, torch::kFloat64);
-    sums[0] += total.sum();
-    sums[1] += result.prior_bpd.to(torch::kCPU, torch::kFloat64).sum();
-    sums[2] += vb.select(1, 0).sum();
-    sums[3] += vb.narrow(1, 1, vb.size(1) - 1).sum();
-    sums[4] += total.pow(2).sum();
-  }
-  auto reduced = sums.to(device);
-  comm->all_reduce(reduced, dist::ReduceOp::kSum);
-  auto v = reduced.cpu();
-  double mean = v[0].item<double>() / n;
-  double variance = std::max(0.0, v[4].item<double>() / n - mean * mean);
+  auto bound = trainer::evaluate_bits_per_dim(
+      *loaded.diffusion, *comm,
+      {.data = args.data, .n = args.n, .batch = args.batch, .seed = static_cast<uint64_t>(args.seed)});
   if (ctx.is_root()) {
     std::cout << fmt::format(
         "variational bound on {} images of {} ({} weights, step {}):\n"
         "  total      {:.4f} bits/dim  (± {:.4f} standard error)\n"
         "  prior L_T  {:.6f}\n  decoder L_0 {:.4f}\n  sum L_t-1  {:.4f}\n",
-        n, args.data, loaded.weights, loaded.step, mean, std::sqrt(variance / n), v[1].item<double>() / n,
-        v[2].item<double>() / n, v[3].item<double>() / n);
+        bound.images, args.data, loaded.weights, loaded.step, bound.total, bound.standard_error, bound.prior,
+        bound.decoder, bound.terms);
   }
   return 0;
 }
 
+int run_doctor(const dist::Context& ctx, trainer::DeviceRequest device) {
+  auto report = trainer::collect_doctor_report(ctx, device);
+  auto all = ctx.gather_strings(report.to_text());
+  if (ctx.is_root()) {
+    for (size_t rank = 0; rank < all.size(); ++rank) {
+      std::cout << "diffuse doctor: rank " << rank << "\n" << all[rank];
+    }
+    std::cout.flush();
+  }
+  return static_cast<int>(ctx.max_over_ranks(report.problems.empty() ? 0 : 1));
+}
+
 }  // namespace
+
+CLI::Validator positive_integer() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        try {
+          size_t used = 0;
+          long long value = std::stoll(text, &used);
+          if (used == text.size() && value >= 1) return "";
+        } catch (const std::exception&) {
+        }
+        return "must be an integer >= 1, got '" + text + "'";
+      },
+      "INT>=1");
+}
 
 void add_doctor_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand(
@@ -215,7 +177,7 @@ void add_doctor_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--device", *device, "Which run to check for: auto (CUDA when a GPU is visible), cpu, cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->callback([&action, device] {
-    action = [device](const dist::Context& ctx) { return run_doctor(ctx, parse_device_request(*device)); };
+    action = [device](const dist::Context& ctx) { return run_doctor(ctx, trainer::parse_device_request(*device)); };
   });
 }
 
@@ -234,11 +196,13 @@ void add_train_command(CLI::App& app, CommandAction& action) {
   cmd->add_flag("--dry-run", args->dry_run, "Validate config and data, print sizes and the global batch, exit");
   cmd->callback([&action, args] {
     action = [args](const dist::Context& ctx) {
-      auto config = Config::from_yaml_file(args->config);
+      trainer::install_stop_signal_handlers();  // before the slow set-up: an early signal is kept
+      auto config = trainer::Config::from_yaml_file(args->config);
       for (const auto& assignment : args->overrides) config.apply_override(assignment);
       config.validate();
-      Trainer trainer(ctx, config,
-                      RunOptions{.run_dir = args->run_dir, .resume = args->resume, .dry_run = args->dry_run});
+      trainer::Trainer trainer(ctx, config,
+                               {.run_dir = args->run_dir, .resume = args->resume, .dry_run = args->dry_run,
+                                .hooks = trainer_hooks_from_environment(ctx.rank())});
       return trainer.run();
     };
   });
@@ -248,12 +212,12 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("sample", "Sample images from a checkpoint (ranks split the images)");
   auto args = std::make_shared<SampleArgs>();
   cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
-  cmd->add_option("--n", args->n, "Number of images")->check(CLI::PositiveNumber);
+  cmd->add_option("--n", args->n, "Number of images")->check(positive_integer());
   cmd->add_option("--sampler", args->sampler, "ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
-  cmd->add_option("--steps", args->steps, "DDIM steps (ddpm uses every timestep)")->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", args->steps, "DDIM steps (ddpm uses every timestep)")->check(positive_integer());
   cmd->add_option("--eta", args->eta, "DDIM eta (0: deterministic given the noise)");
   cmd->add_option("--seed", args->seed, "Seed of the initial noise");
-  cmd->add_option("--batch", args->batch, "Images per forward pass")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
   cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--out", args->out, "Write one grid PNG");
@@ -281,8 +245,8 @@ void add_eval_command(CLI::App& app, CommandAction& action) {
   auto args = std::make_shared<EvalArgs>();
   cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
   cmd->add_option("--data", args->data, "HDF5 dataset (diffuse prep) of held-out images")->required();
-  cmd->add_option("--n", args->n, "Number of images")->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", args->batch, "Images per forward pass")->check(CLI::PositiveNumber);
+  cmd->add_option("--n", args->n, "Number of images")->check(positive_integer());
+  cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
   cmd->add_option("--seed", args->seed, "Seed of the noise of the bound's terms");
   cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
@@ -296,13 +260,13 @@ void add_inspect_command(CLI::App& app, CommandAction& action) {
   auto no_verify = std::make_shared<bool>(false);
   cmd->add_option("path", *path, "FILE.h5 (dataset) or a checkpoint directory")->required();
   cmd->add_option("--grid", *grid, "Dataset: write a PNG grid of the first k images");
-  cmd->add_option("--k", *k, "Dataset: images in the grid")->check(CLI::PositiveNumber);
+  cmd->add_option("--k", *k, "Dataset: images in the grid")->check(positive_integer());
   cmd->add_flag("--no-verify", *no_verify, "Checkpoint: skip the SHA-256 check of the shards");
   cmd->callback([&action, path, grid, k, no_verify] {
     action = [path, grid, k, no_verify](const dist::Context& ctx) {
       if (!ctx.is_root()) return 0;
       if (std::filesystem::is_directory(*path)) {
-        auto summary = describe_checkpoint(*path, !*no_verify);
+        auto summary = trainer::describe_checkpoint(*path, !*no_verify);
         std::cout << summary.text;
         return summary.ok ? 0 : 1;
       }
@@ -313,4 +277,4 @@ void add_inspect_command(CLI::App& app, CommandAction& action) {
   });
 }
 
-}  // namespace diffuse::trainer
+}  // namespace diffuse::app

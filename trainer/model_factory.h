@@ -1,0 +1,44 @@
+// trainer/model_factory.h: from a configuration to the model it describes, and which
+// configuration changes a checkpoint's weights can survive.
+//
+//   auto diffusion = build_diffusion(config);                 // U-Net + GaussianDiffusion, CPU, fp32
+//   auto verdict = compare_for_resume(saved_config, config);  // on --resume
+//   if (!verdict.refused.empty()) throw ...;                  // e.g. model.dim 32 -> 64
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "model/diffusion.h"
+#include "model/unet.h"
+#include "trainer/config.h"
+
+namespace diffuse::trainer {
+
+model::UnetOptions unet_options(const ModelConfig& model);
+/// The diffusion the config trains. Sampling settings (log.sample_steps) are not part of it: they
+/// are passed to each sampling call.
+model::DiffusionOptions diffusion_options(const Config& config);
+/// The U-Net and diffusion the configuration describes (on CPU, fp32).
+model::GaussianDiffusion build_diffusion(const Config& config);
+
+/// One configuration key whose value differs.
+struct ConfigChange {
+  std::string key;
+  std::string before, after;
+};
+
+/// What a resume with `current` on a checkpoint written with `saved` means.
+struct ResumeVerdict {
+  /// Keys that change what the saved weights mean (the U-Net's shape, the timesteps, the noise
+  /// schedule, the objective): the resume must be refused.
+  std::vector<ConfigChange> refused;
+  /// Every other differing key: training or sampling from here on changes (logged on resume).
+  std::vector<ConfigChange> allowed;
+};
+ResumeVerdict compare_for_resume(const Config& saved, const Config& current);
+
+/// The refusal message: every refused key with both values, and what to do instead.
+std::string resume_refusal_message(const std::string& checkpoint, const std::vector<ConfigChange>& refused);
+
+}  // namespace diffuse::trainer

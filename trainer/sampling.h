@@ -1,0 +1,48 @@
+// trainer/sampling.h: a model from a checkpoint, and images sampled from it with the work split over
+// ranks. `diffuse sample` and the trainer's sample grids both use it, so a grid and a sample
+// command with the same seed draw the same images.
+//
+//   auto loaded = load_model("runs/demo/checkpoints/latest", "ema", device);
+//   auto images = sample_images(*loaded.diffusion, comm, {.n = 64, .seed = 7, .options = {...}});
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "dist/communicator.h"
+#include "model/diffusion.h"
+#include "trainer/config.h"
+
+namespace diffuse::trainer {
+
+struct LoadedModel {
+  Config config;  ///< the configuration the checkpoint was trained with
+  model::GaussianDiffusion diffusion{nullptr};
+  int64_t step = 0;
+  std::string weights;                 ///< "online" or "ema.<rate>"
+  std::vector<std::string> warnings;  ///< checkpoints skipped on the way (a corrupt `latest`, ...)
+};
+
+/// Reads a checkpoint in this process (a checkpoint directory, or a run directory / checkpoints
+/// directory / `latest` link: the newest good one) and builds its model with the weights `which`
+/// names ("ema", a rate such as "0.9999", or "online"), in eval mode on `device`.
+LoadedModel load_model(const std::filesystem::path& checkpoint, const std::string& which, torch::Device device);
+
+struct SampleRequest {
+  int64_t n = 64;
+  uint64_t seed = 0;
+  int64_t batch = 16;  ///< images per forward pass on each rank
+  model::SampleOptions options;
+};
+
+/// Samples `request.n` images, each rank its share, and returns all of them on every rank, on the
+/// CPU, in [0, 1], [n, C, H, W]. Image i's initial noise comes from one seeded CPU stream and each
+/// chunk's sampler noise is keyed by its first image's index, so the images do not depend on the
+/// number of ranks.
+torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
+                            const SampleRequest& request);
+
+}  // namespace diffuse::trainer
