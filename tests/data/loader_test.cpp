@@ -546,13 +546,24 @@ TEST(Loader, BatchesOnTheGpu_CUDA) {
   auto gpu_options = cpu_options;
   gpu_options.device = torch::Device(torch::kCUDA, 0);
   Loader cpu(cpu_options), gpu(gpu_options);
-  for (int k = 0; k < 12; ++k) {
-    auto x = cpu.next(), y = gpu.next();
+  // The pinned, non-blocking path: copies are queued on the current stream behind long GPU work and
+  // the host never waits between batches, so a pinned buffer reused (or freed) before its copy ran
+  // would show up as a wrong batch when they are all compared at the end.
+  auto busy = torch::randn({2048, 2048}, torch::TensorOptions().device(gpu_options.device));
+  std::vector<data::Batch> on_gpu, on_cpu;
+  for (int k = 0; k < 24; ++k) {
+    for (int m = 0; m < 4; ++m) busy = torch::tanh(busy.matmul(busy) * 1e-3);
+    on_gpu.push_back(gpu.next());
+    on_cpu.push_back(cpu.next());
+  }
+  for (size_t k = 0; k < on_gpu.size(); ++k) {
+    const auto& x = on_cpu[k];
+    const auto& y = on_gpu[k];
     ASSERT_TRUE(y.images.is_cuda());
     ASSERT_TRUE(y.labels.is_cuda());
-    ASSERT_TRUE(torch::equal(x.images, y.images.cpu()));
-    ASSERT_TRUE(torch::equal(x.labels, y.labels.cpu()));
-    ASSERT_TRUE(torch::equal(x.indices, y.indices));
+    ASSERT_TRUE(torch::equal(x.images, y.images.cpu())) << "batch " << k;
+    ASSERT_TRUE(torch::equal(x.labels, y.labels.cpu())) << "batch " << k;
+    ASSERT_TRUE(torch::equal(x.indices, y.indices)) << "batch " << k;
   }
 }
 

@@ -503,21 +503,18 @@ TEST(GradReducer, RanksWithDifferentModelsAreRefusedOnEveryRank) {
   }
 }
 
-TEST(GradReducer, GradientsOnTheGpuWithNccl_CUDA) {
-  if (!nccl_available() || !torch::cuda::is_available()) GTEST_SKIP() << "no GPU";
-  if (static_cast<int>(torch::cuda::device_count()) < world().local_world_size()) {
-    GTEST_SKIP() << "fewer GPUs than ranks on this node";
-  }
-  auto device = select_device(world(), true);
-  auto comm = make_nccl_communicator(world(), device);
-  const int n = comm->size();
-  const int r = comm->rank();
-  auto model = make_mlp(21);
+/// Data-parallel gradients of a model on `device` (a CUDA device) through `comm` over `steps`
+/// steps equal the single-process gradient on the concatenated batch, and stay on the device.
+void expect_gpu_gradients_match_one_process(Communicator& comm, torch::Device device, uint64_t seed, int steps) {
+  const int n = comm.size();
+  const int r = comm.rank();
+  auto model = make_mlp(seed);
   model->to(device);
-  auto reference = make_mlp(21);
-  GradReducer reducer(model->parameters(), *comm, small_buckets());
-  for (uint64_t step = 0; step < 2; ++step) {
-    auto batch = global_batch(n * 2, 600 + step);
+  auto reference = make_mlp(seed);
+  GradReducer reducer(model->parameters(), comm, small_buckets());
+  EXPECT_GT(reducer.bucket_count(), 1);
+  for (uint64_t step = 0; step < static_cast<uint64_t>(steps); ++step) {
+    auto batch = global_batch(n * 2, 30 * seed + step);
     clear_grads(*model, false);
     reducer.prepare_for_backward(true);
     auto mine = rows_of(batch, r * 2, 2);
@@ -527,10 +524,81 @@ TEST(GradReducer, GradientsOnTheGpuWithNccl_CUDA) {
     loss_of(*reference, batch).backward();
     auto expected = grads_of(*reference);
     auto got = grads_of(*model);
-    for (size_t i = 0; i < got.size(); ++i)
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(got[i].is_cuda()) << "parameter " << i;
       expect_allclose(got[i].cpu(), expected[i], 1e-4, 1e-5, "parameter " + std::to_string(i));
+    }
   }
-  EXPECT_NO_THROW(verify_identical(model->parameters(), *comm, "parameters"));
+  EXPECT_NO_THROW(verify_identical(model->parameters(), comm, "parameters"));
+}
+
+TEST(GradReducer, GradientsOnTheGpuWithNccl_CUDA) {
+  if (!nccl_available() || !torch::cuda::is_available()) GTEST_SKIP() << "no GPU";
+  if (static_cast<int>(torch::cuda::device_count()) < world().local_world_size()) {
+    GTEST_SKIP() << "fewer GPUs than ranks on this node";
+  }
+  auto device = select_device(world(), true);
+  auto comm = make_nccl_communicator(world(), device);
+  expect_gpu_gradients_match_one_process(*comm, device, 21, 2);
+}
+
+/// The MPI communicator for CUDA tensors: each collective copies to the host, runs on MPI and
+/// copies back. Lets 2 ranks share one GPU (NCCL refuses that), so the reducer's CUDA path
+/// (hooks on CUDA gradients, bucket views, async completion) runs multi-rank on a one-GPU machine.
+class HostStagedCommunicator final : public Communicator {
+ public:
+  HostStagedCommunicator(Communicator& inner, torch::Device device) : inner_(inner), device_(device) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string backend() const override { return "mpi-staged"; }
+  torch::Device device() const override { return device_; }
+  void all_reduce(torch::Tensor& tensor, ReduceOp op) override {
+    auto host = tensor.cpu().contiguous();
+    inner_.all_reduce(host, op);
+    tensor.copy_(host);
+  }
+  std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override {
+    auto host = tensor.cpu().contiguous();  // waits for the stream: the gradients are complete
+    return std::make_shared<CopyBack>(inner_.all_reduce_async(host, op), host, tensor);
+  }
+  void broadcast(torch::Tensor& tensor, int root) override {
+    auto host = tensor.cpu().contiguous();
+    inner_.broadcast(host, root);
+    tensor.copy_(host);
+  }
+  torch::Tensor all_gather(const torch::Tensor& tensor) override {
+    return inner_.all_gather(tensor.cpu().contiguous()).to(tensor.device());
+  }
+  void barrier() override { inner_.barrier(); }
+
+ private:
+  struct CopyBack final : Work {
+    CopyBack(std::shared_ptr<Work> inner, torch::Tensor host, torch::Tensor target)
+        : inner(std::move(inner)), host(std::move(host)), target(std::move(target)) {}
+    void wait() override {
+      inner->wait();
+      if (!copied) target.copy_(host);
+      copied = true;
+    }
+    bool is_completed() override {
+      if (!inner->is_completed()) return false;
+      wait();
+      return true;
+    }
+    std::shared_ptr<Work> inner;
+    torch::Tensor host, target;
+    bool copied = false;
+  };
+  Communicator& inner_;
+  torch::Device device_;
+};
+
+TEST(GradReducer, CudaGradientsOverMpiOnASharedGpu_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto mpi = make_comm();
+  const torch::Device device(torch::kCUDA, 0);  // every rank on GPU 0: this is about the reducer, not NCCL
+  HostStagedCommunicator comm(*mpi, device);
+  expect_gpu_gradients_match_one_process(comm, device, 23, 3);
 }
 
 TEST(BroadcastTensors, GivesEveryRankRootsValuesAndVerifyProvesIt) {

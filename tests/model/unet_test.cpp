@@ -241,5 +241,73 @@ TEST(Unet, CpuAndGpuAgree_CUDA) {
   EXPECT_LT(relative_max_error(gpu.cpu(), cpu), 5e-3);
 }
 
+/// fp32 on the GPU without TF32 (cuDNN allows it by default), restoring the global flags after.
+class NoTf32 {
+ public:
+  NoTf32() : cudnn_(at::globalContext().allowTF32CuDNN()), cublas_(at::globalContext().allowTF32CuBLAS()) {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~NoTf32() {
+    at::globalContext().setAllowTF32CuDNN(cudnn_);
+    at::globalContext().setAllowTF32CuBLAS(cublas_);
+  }
+
+ private:
+  bool cudnn_, cublas_;
+};
+
+/// The golden U-Net's output, input gradient and parameter gradients for one batch on `device`,
+/// with the input in `format`; the loss weights every output element differently so each
+/// gradient depends on every output position.
+struct ForwardBackward {
+  torch::Tensor out, dx;
+  std::vector<torch::Tensor> grads;
+};
+ForwardBackward forward_backward(torch::Device device, torch::MemoryFormat format) {
+  auto unet = golden_unet("b");
+  unet->to(device);
+  const auto& g = cases();
+  auto x = g.at("forward_b.x").to(device).contiguous(format).requires_grad_(true);
+  auto out = unet->forward(x, g.at("forward_b.t").to(device), g.at("forward_b.x_self_cond").to(device));
+  auto weights = torch::linspace(-1, 1, out.numel(), torch::TensorOptions().device(device)).reshape(out.sizes());
+  (out * weights).sum().backward();
+  ForwardBackward r{out.detach().cpu(), x.grad().cpu(), {}};
+  for (const auto& p : unet->parameters()) r.grads.push_back(p.grad().cpu());
+  return r;
+}
+
+/// a equals b within float32 tolerance of a different kernel order: relative to b's largest value.
+void expect_same_results(const ForwardBackward& a, const ForwardBackward& b, double tolerance, const std::string& what) {
+  EXPECT_LT(relative_max_error(a.out, b.out), tolerance) << what << ": output";
+  EXPECT_LT(relative_max_error(a.dx, b.dx), tolerance) << what << ": input gradient";
+  ASSERT_EQ(a.grads.size(), b.grads.size());
+  for (size_t i = 0; i < a.grads.size(); ++i)
+    EXPECT_LT(relative_max_error(a.grads[i], b.grads[i]), tolerance) << what << ": parameter " << i;
+}
+
+TEST(Unet, ForwardAndBackwardOnTheGpuEqualTheCpu_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  NoTf32 strict;
+  auto cpu = forward_backward(torch::kCPU, torch::MemoryFormat::Contiguous);
+  auto gpu = forward_backward(torch::kCUDA, torch::MemoryFormat::Contiguous);
+  expect_same_results(gpu, cpu, 1e-4, "CUDA vs CPU");
+}
+
+// The trainer feeds CUDA batches as channels_last (train.channels_last): same numbers as contiguous.
+void expect_channels_last_matches_contiguous(torch::Device device) {
+  auto contiguous = forward_backward(device, torch::MemoryFormat::Contiguous);
+  auto channels_last = forward_backward(device, torch::MemoryFormat::ChannelsLast);
+  expect_same_results(channels_last, contiguous, 1e-4, "channels_last vs contiguous on " + device.str());
+}
+
+TEST(Unet, ChannelsLastEqualsContiguousOnCpu) { expect_channels_last_matches_contiguous(torch::kCPU); }
+
+TEST(Unet, ChannelsLastEqualsContiguous_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  NoTf32 strict;
+  expect_channels_last_matches_contiguous(torch::kCUDA);
+}
+
 }  // namespace
 }  // namespace diffuse::testing

@@ -6,6 +6,8 @@
 
 #include <chrono>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <regex>
 #include <thread>
 
@@ -189,6 +191,42 @@ TEST_F(EndToEnd, Fp16OnCpuTrainsWithLossScale) {
   auto lines = metric_lines(run);
   ASSERT_FALSE(lines.empty());
   EXPECT_NE(lines.back().find("\"loss_scale\""), std::string::npos) << lines.back();
+}
+
+// The first step's loss (same batch, timesteps and noise: same seed) under bf16 and fp16 autocast
+// is the fp32 loss within what the narrower types lose; through the real trainer (AutocastScope,
+// and channels_last batches on CUDA).
+void expect_autocast_losses_near_fp32(const std::string& device, const fs::path& dir,
+                                      const std::function<CommandResult(const fs::path&, const std::string&)>& train) {
+  std::map<std::string, double> first;
+  for (std::string precision : {"fp32", "bf16", "fp16"}) {
+    auto run = dir / ("autocast-" + device + "-" + precision);
+    auto result = train(run, "--set train.device=" + device + " --set train.precision=" + precision +
+                                 " --set train.steps=1 --set log.every=1");
+    ASSERT_EQ(result.exit_code, 0) << result.output;
+    std::ifstream in(run / "metrics.jsonl");
+    std::string line;
+    ASSERT_TRUE(std::getline(in, line)) << "no metrics for " << precision;
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(line, m, std::regex("\"loss\": ([-+0-9.eE]+)"))) << line;
+    first[precision] = std::stod(m[1]);
+  }
+  EXPECT_GT(first["fp32"], 0);
+  EXPECT_NEAR(first["bf16"], first["fp32"], 0.03 * first["fp32"]) << "bf16 on " << device;
+  EXPECT_NEAR(first["fp16"], first["fp32"], 0.01 * first["fp32"]) << "fp16 on " << device;
+}
+
+TEST_F(EndToEnd, AutocastLossesNearFp32OnCpu) {
+  expect_autocast_losses_near_fp32("cpu", path("."), [](const fs::path& run, const std::string& extra) {
+    return train(1, run, extra);
+  });
+}
+
+TEST_F(EndToEnd, AutocastLossesNearFp32_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  expect_autocast_losses_near_fp32("cuda", path("."), [](const fs::path& run, const std::string& extra) {
+    return train(1, run, extra);
+  });
 }
 
 TEST_F(EndToEnd, ConfigErrorsFailBeforeAnythingStarts) {

@@ -1,5 +1,6 @@
 // Unit tests of the trainer's small parts: configuration, EMA, loss scaler, LR schedule,
 // timestep sampler and the metrics log. Closed forms and injected failures, no training.
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -189,6 +190,73 @@ TEST(GradScaler, SkipsBacksOffAndGrows) {
   for (int i = 0; i < 3; ++i) scaler.update(false);
   EXPECT_EQ(scaler.scale_value(), 512);
   EXPECT_EQ(scaler.total_skipped(), 2);
+}
+
+// A real backward through a layer on `device` (fp16 autocast on CUDA, as train.precision=fp16):
+// an inf injected into one gradient is found by the fused check on that device, the step is
+// skipped and the scale halves; the next, clean step unscales to the fp32 gradients.
+void expect_scaler_skips_an_injected_inf(torch::Device device) {
+  torch::manual_seed(3);
+  torch::nn::Linear layer(16, 4);
+  layer->to(device);
+  auto x = torch::randn({8, 16}).to(device), y = torch::randn({8, 4}).to(device);
+  auto params = layer->parameters();
+  auto grads = [&] {
+    std::vector<torch::Tensor> g;
+    for (auto& p : params) g.push_back(p.grad());
+    return g;
+  };
+  auto zero_grads = [&] {
+    for (auto& p : params) p.mutable_grad().zero_();
+  };
+  auto loss = [&] {
+    const bool fp16 = device.is_cuda();
+    if (fp16) {
+      at::autocast::set_autocast_enabled(device.type(), true);
+      at::autocast::set_autocast_dtype(device.type(), torch::kHalf);
+    }
+    auto value = torch::mse_loss(layer->forward(x).to(torch::kFloat), y);
+    if (fp16) {
+      at::autocast::set_autocast_enabled(device.type(), false);
+      at::autocast::clear_cache();
+    }
+    return value;
+  };
+  torch::mse_loss(layer->forward(x), y).backward();  // fp32 reference
+  std::vector<torch::Tensor> expected;
+  for (auto& g : grads()) expected.push_back(g.cpu().clone());
+  zero_grads();
+
+  GradScaler scaler(GradScalerOptions{.enabled = true, .init_scale = 1024});
+  auto no_agreement = [](torch::Tensor&) {};
+  scaler.scale(loss()).backward();
+  {
+    torch::NoGradGuard no_grad;
+    params[0].mutable_grad().index_put_({1, 2}, std::numeric_limits<float>::infinity());
+  }
+  EXPECT_TRUE(scaler.unscale_(grads(), no_agreement)) << "the injected inf on " << device.str() << " was not found";
+  scaler.update(true);
+  EXPECT_EQ(scaler.scale_value(), 512);
+  EXPECT_EQ(scaler.total_skipped(), 1);
+  zero_grads();
+
+  scaler.scale(loss()).backward();
+  EXPECT_FALSE(scaler.unscale_(grads(), no_agreement));
+  scaler.update(false);
+  EXPECT_EQ(scaler.consecutive_skipped(), 0);
+  const double rtol = device.is_cuda() ? 2e-2 : 1e-5, atol = device.is_cuda() ? 2e-3 : 1e-6;  // fp16 on CUDA
+  auto got = grads();
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].device(), device);
+    testing::expect_allclose(got[i].cpu(), expected[i], rtol, atol, "parameter " + std::to_string(i));
+  }
+}
+
+TEST(GradScaler, SkipsAnInjectedInfInARealBackwardOnCpu) { expect_scaler_skips_an_injected_inf(torch::kCPU); }
+
+TEST(GradScaler, SkipsAnInjectedInfInAnFp16BackwardOnTheGpu_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  expect_scaler_skips_an_injected_inf(torch::Device(torch::kCUDA, 0));
 }
 
 TEST(GradScaler, AgreementMakesEveryRankSkip) {
