@@ -92,6 +92,8 @@ if(NOT CLI11_FOUND)
   set_target_properties(CLI11::CLI11 PROPERTIES INTERFACE_INCLUDE_DIRECTORIES "${CLI11_INCLUDE_DIR}")
 endif()
 find_path(STB_INCLUDE_DIR stb_image.h PATH_SUFFIXES stb REQUIRED)
+# protobuf (Debian's 3.21, lite runtime) and protoc: TensorBoard event files (trainer/tensorboard.h).
+find_package(Protobuf REQUIRED)
 find_package(ZLIB REQUIRED)
 find_package(Threads REQUIRED)
 if(DIFFUSE_BUILD_TESTS)

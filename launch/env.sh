@@ -10,6 +10,7 @@
 
 DIFFUSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIFFUSE_TORCH_VERSION="2.11.0"
+DIFFUSE_TENSORBOARD_VERSION="2.21.0"
 DIFFUSE_PYTHON="${DIFFUSE_PYTHON:-python3}"
 DIFFUSE_CACHE="${DIFFUSE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/diffuse}"
 _pyver="$("$DIFFUSE_PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || echo unknown)"

@@ -3,9 +3,11 @@
 # it checks each step and redoes only what is missing (a warm rerun takes seconds plus an
 # incremental build).
 #
-#   1. Debian packages (build tools, OpenMPI, HDF5, spdlog, GoogleTest, yaml-cpp, CLI11, stb, OpenSSL)
+#   1. Debian packages (build tools, OpenMPI, HDF5, spdlog, GoogleTest, yaml-cpp, CLI11, stb, OpenSSL,
+#      protobuf and protoc)
 #   2. LibTorch 2.11.0 from the PyPI wheel torch==2.11.0 (CUDA 13.0 build) in a venv under the
-#      per-user cache (see launch/env.sh), linked as .deps/torch-venv
+#      per-user cache (see launch/env.sh), linked as .deps/torch-venv; tensorboard in the same
+#      venv (for `tensorboard --logdir runs/` and the test that TensorBoard reads our event files)
 #   3. CMake configure (Release, Ninja, ccache, precompiled torch header) and build
 #   4. A load check: the binary starts and finds all its libraries, with a single libnccl
 #
@@ -33,7 +35,7 @@ done
 packages=(build-essential cmake ninja-build ccache pkg-config git python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libspdlog-dev libfmt-dev
           libgtest-dev libyaml-cpp-dev libcli11-dev libstb-dev zlib1g-dev libssl-dev
-          python3-h5py)
+          python3-h5py libprotobuf-dev protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -97,6 +99,14 @@ else
     got="$("$DIFFUSE_TORCH_VENV/bin/python" -c 'import torch; print(torch.__version__)')"
     [[ "$got" == "$DIFFUSE_TORCH_VERSION"* ]] || die "expected torch $DIFFUSE_TORCH_VERSION in the venv, found $got"
     touch "$marker"
+  fi
+  # TensorBoard: not needed to build or train, so a failed install only warns (its reader test
+  # then skips, except under CI where it fails).
+  if [ "$("$DIFFUSE_TORCH_VENV/bin/python" -c 'import tensorboard; print(tensorboard.__version__)' 2>/dev/null)" \
+       != "$DIFFUSE_TENSORBOARD_VERSION" ]; then
+    say "TensorBoard: installing tensorboard==$DIFFUSE_TENSORBOARD_VERSION into $DIFFUSE_TORCH_VENV"
+    "$DIFFUSE_TORCH_VENV/bin/python" -m pip install -q "tensorboard==$DIFFUSE_TENSORBOARD_VERSION" \
+      || say "warning: pip could not install tensorboard==$DIFFUSE_TENSORBOARD_VERSION: tensorboard_reader_test will skip (and fail under CI)"
   fi
   torch_prefix="$("$DIFFUSE_TORCH_VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
   mkdir -p "$DIFFUSE_ROOT/.deps"

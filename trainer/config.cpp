@@ -175,6 +175,7 @@ std::vector<Field> fields_of(Config& c) {
       {"log", "num_samples", &c.log.num_samples},
       {"log", "sample_steps", &c.log.sample_steps},
       {"log", "sample_seed", &c.log.sample_seed},
+      {"log", "tensorboard", &c.log.tensorboard},
   };
 }
 

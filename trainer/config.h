@@ -121,6 +121,7 @@ struct LogConfig {
   int64_t num_samples = 16;
   int64_t sample_steps = 50;     ///< DDIM steps for the grids
   int64_t sample_seed = 1234;
+  bool tensorboard = true;       ///< rank 0 writes TensorBoard event files to RUN/tensorboard/
 };
 
 struct Config {

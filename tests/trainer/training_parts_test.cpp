@@ -108,6 +108,15 @@ TEST(Config, OverridesParseYamlValues) {
   EXPECT_NE(error_of([&] { config.apply_override("steps=1"); }).find("section.key=value"), std::string::npos);
 }
 
+TEST(Config, TensorBoardIsOnUnlessTurnedOff) {
+  EXPECT_TRUE(Config{}.log.tensorboard);
+  auto config = Config::from_yaml("log:\n  tensorboard: false\n");
+  EXPECT_FALSE(config.log.tensorboard);
+  EXPECT_FALSE(Config::from_yaml(config.to_yaml()).log.tensorboard);
+  config.apply_override("log.tensorboard=true");
+  EXPECT_TRUE(config.log.tensorboard);
+}
+
 // ---------------------------------------------------------------------------------------------
 // EMA (ema-pytorch semantics)
 
