@@ -18,6 +18,7 @@
 #include "trainer/logging.h"
 #include "trainer/memory.h"
 #include "trainer/model_factory.h"
+#include "trainer/progress.h"
 #include "trainer/sampling.h"
 #include "trainer/trainer.h"
 
@@ -72,9 +73,12 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
                           static_cast<double>(args.n) * static_cast<double>(c * s * s) * (4.0 + 4.0 + 1.0), 1,
                           torch::kCPU, "sample fewer images per call (several calls with different --seed)");
   auto comm = command_communicator(ctx, device);
+  trainer::Progress progress({.label = "sampling", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
   trainer::SampleRequest request{.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
-                                 .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta}};
+                                 .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta},
+                                 .on_progress = [&progress](int64_t images) { progress.advance(images); }};
   auto all = trainer::sample_images(*loaded.diffusion, *comm, request);
+  progress.finish();
   if (ctx.is_root()) {
     if (!args.out.empty()) {
       data::save_image_grid(args.out, all, static_cast<int64_t>(std::ceil(std::sqrt(args.n))));
@@ -128,9 +132,13 @@ int run_eval(const dist::Context& ctx, const EvalArgs& args) {
     for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
   }
   auto comm = command_communicator(ctx, device);
+  trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
+                              .enabled = ctx.is_root()});
   auto bound = trainer::evaluate_bits_per_dim(
       *loaded.diffusion, *comm,
-      {.data = args.data, .n = args.n, .batch = args.batch, .seed = static_cast<uint64_t>(args.seed)});
+      {.data = args.data, .n = args.n, .batch = args.batch, .seed = static_cast<uint64_t>(args.seed),
+       .on_progress = [&progress](int64_t images) { progress.advance(images); }});
+  progress.finish();
   if (ctx.is_root()) {
     std::cout << fmt::format(
         "variational bound on {} images of {} ({} weights, step {}):\n"

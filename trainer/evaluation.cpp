@@ -37,6 +37,7 @@ BoundSummary evaluate_bits_per_dim(model::GaussianDiffusionImpl& diffusion, dist
     sums[2] += vb.select(1, 0).sum();
     sums[3] += vb.narrow(1, 1, vb.size(1) - 1).sum();
     sums[4] += total.pow(2).sum();
+    if (request.on_progress) request.on_progress(std::min(count * comm.size(), n));
   }
   auto reduced = sums.to(comm.device());
   comm.all_reduce(reduced, dist::ReduceOp::kSum);

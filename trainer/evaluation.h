@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 
 #include "dist/communicator.h"
 #include "model/diffusion.h"
@@ -17,6 +18,8 @@ struct BoundRequest {
   int64_t n = 1000;            ///< first n images (fewer when the dataset is smaller)
   int64_t batch = 16;
   uint64_t seed = 0;           ///< the noise of the bound's terms; rank r uses seed + r
+  /// Called after each batch with the images that batch covered on all ranks together.
+  std::function<void(int64_t images)> on_progress;
 };
 
 /// Means over images (bits/dim) and the standard error of the total.

@@ -45,6 +45,7 @@ torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Commu
     torch::NoGradGuard no_grad;
     auto images = diffusion.sample_from(mine.narrow(0, first, count).to(device), request.options, generator);
     chunks.push_back(images.clamp(0, 1).contiguous());
+    if (request.on_progress) request.on_progress(std::min(count * world, request.n));
   }
   auto local = torch::cat(chunks).to(comm.device());
   return comm.all_gather(local).reshape({-1, c, s, s}).narrow(0, 0, request.n).cpu();

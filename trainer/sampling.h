@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "dist/communicator.h"
@@ -36,6 +37,9 @@ struct SampleRequest {
   uint64_t seed = 0;
   int64_t batch = 16;  ///< images per forward pass on each rank
   model::SampleOptions options;
+  /// Called on every rank after each of its chunks with the images that chunk made on all ranks
+  /// together (for a progress line on rank 0).
+  std::function<void(int64_t images)> on_progress;
 };
 
 /// Samples `request.n` images, each rank its share, and returns all of them on every rank, on the

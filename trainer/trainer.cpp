@@ -32,8 +32,10 @@
 #include "trainer/run_directory.h"
 #include "trainer/run_lock.h"
 #include "trainer/sampling.h"
+#include "trainer/tensorboard.h"
 #include "trainer/timestep_sampler.h"
 #include "trainer/training_state.h"
+#include "util/files.h"
 #include "util/format.h"
 
 #if DIFFUSE_WITH_CUDA
@@ -280,6 +282,7 @@ struct Trainer::Parts {
   MetricsLogger metrics;
   std::shared_ptr<StepTimer> timer;
   std::optional<RunLock> lock;  ///< rank 0's, for the job's life
+  std::unique_ptr<TensorBoardWriter> tensorboard;  ///< rank 0's, when log.tensorboard
 
   int64_t step = 0;
   double elapsed_before = 0;  ///< training seconds of earlier runs of this job (resumes)
@@ -408,10 +411,21 @@ void Trainer::write_run_files() {
   auto request = p.device.is_cuda() ? DeviceRequest::kCuda : DeviceRequest::kCpu;
   std::ofstream(p.run.env()) << collect_doctor_report(p.ctx, request).to_text()
                              << "  world size: " << p.ctx.world_size() << "\n";
+  if (p.config.log.tensorboard) {
+    // A resumed run continues in a new event file that starts after the resume step, so the
+    // points a crashed attempt logged past its last checkpoint are replaced, not duplicated.
+    auto dir = p.run.root / "tensorboard";
+    if (p.step == 0) std::filesystem::remove_all(dir);
+    p.tensorboard = std::make_unique<TensorBoardWriter>(
+        dir, TensorBoardOptions{.resumed_from = p.step > 0 ? std::optional<int64_t>(p.step) : std::nullopt});
+    p.tensorboard->add_text("config", "```yaml\n" + p.config.to_yaml() + "```\n", p.step);
+  }
   if (p.step == 0) {
     auto count = std::min<int64_t>(p.config.log.num_samples, p.loader.info().count);
-    data::save_image_grid(p.run.samples() / "real.png", data::read_images(p.config.data.path, 0, count),
+    auto real = p.run.samples() / "real.png";
+    data::save_image_grid(real, data::read_images(p.config.data.path, 0, count),
                           static_cast<int64_t>(std::ceil(std::sqrt(count))));
+    if (p.tensorboard) p.tensorboard->add_image("real", util::read_file(real), 0);
   }
 }
 
@@ -445,10 +459,12 @@ int Trainer::train_loop() {
       save_checkpoint();
     }
     if (stop) {
+      if (p.tensorboard) p.tensorboard->flush();
       if (ctx.is_root()) log::info("stop signal received: checkpointed step {} and exiting", p.step);
       return 0;
     }
   }
+  if (p.tensorboard) p.tensorboard->flush();
   if (ctx.is_root()) {
     if (isatty(STDERR_FILENO)) std::cerr << "\n";
     log::info("done: {} steps in {}; checkpoints in {}", p.step, util::format_duration(elapsed()),
@@ -560,6 +576,14 @@ void Trainer::log_step(double elapsed) {
   };
   if (p.ctx.is_root()) {
     p.metrics.write(row);
+    if (p.tensorboard) {
+      std::vector<std::pair<std::string, double>> scalars;
+      for (const auto& [key, value] : row) {
+        if (key == "step") continue;
+        scalars.emplace_back(key.rfind("loss_q", 0) == 0 ? "loss/" + key.substr(5) : key, value);
+      }
+      p.tensorboard->add_scalars(scalars, p.step);
+    }
     log::info("step {}/{}  loss {:.5f}  lr {:.3g}  grad_norm {:.3f}  {:.1f} img/s  data wait {:.2f}s  "
               "exposed all-reduce {:.2f}s",
               p.step, p.config.train.steps, summary.loss, p.lr.at(p.step - 1), summary.grad_norm, images_per_second,
@@ -619,6 +643,7 @@ void Trainer::sample_grid() {
   if (p.ctx.is_root()) {
     data::save_image_grid(p.run.sample_grid(p.step), images,
                           static_cast<int64_t>(std::ceil(std::sqrt(request.n))));
+    if (p.tensorboard) p.tensorboard->add_image("samples", util::read_file(p.run.sample_grid(p.step)), p.step);
     log::info("sample grid: {}", p.run.sample_grid(p.step).string());
   }
 }
