@@ -12,6 +12,7 @@
 
 #include "util/json.h"
 #include "model/likelihood.h"
+#include "model/linear_assignment.h"
 #include "model/schedules.h"
 
 namespace diffuse::model {
@@ -38,6 +39,10 @@ void SampleOptions::validate(int64_t timesteps) const {
             "DDIM needs 1 <= steps <= timesteps (" + std::to_string(timesteps) + ")");
   }
   if (!(eta >= 0) || !std::isfinite(eta)) invalid("SampleOptions", "eta", num(eta), "must be finite and >= 0");
+  if (!std::isfinite(cond_scale)) invalid("SampleOptions", "cond_scale", num(cond_scale), "must be finite");
+  if (!(rescaled_phi >= 0 && rescaled_phi <= 1)) {
+    invalid("SampleOptions", "rescaled_phi", num(rescaled_phi), "must be in [0, 1]");
+  }
 }
 
 void DiffusionOptions::validate() const {
@@ -68,6 +73,7 @@ void DiffusionOptions::validate() const {
     invalid(o, "min_snr_gamma", num(min_snr_gamma), "must be finite and > 0");
   }
   if (!(vlb_weight >= 0) || !std::isfinite(vlb_weight)) invalid(o, "vlb_weight", num(vlb_weight), "must be finite and >= 0");
+  if (loss_type != "l2" && loss_type != "l1") invalid(o, "loss_type", "'" + loss_type + "'", "allowed: l2, l1");
 }
 
 SampleOptions DiffusionOptions::reference_sample_options() const {
@@ -92,7 +98,8 @@ std::string DiffusionOptions::to_json() const {
          ",\"auto_normalize\":" + boolean(auto_normalize) +
          ",\"offset_noise_strength\":" + json::number(offset_noise_strength) +
          ",\"min_snr_loss_weight\":" + boolean(min_snr_loss_weight) +
-         ",\"min_snr_gamma\":" + json::number(min_snr_gamma) + ",\"vlb_weight\":" + json::number(vlb_weight) + "}";
+         ",\"min_snr_gamma\":" + json::number(min_snr_gamma) + ",\"vlb_weight\":" + json::number(vlb_weight) +
+         ",\"loss_type\":" + json::quote(loss_type) + ",\"immiscible\":" + boolean(immiscible) + "}";
 }
 
 DiffusionOptions DiffusionOptions::from_json(const std::string& text) {
@@ -120,6 +127,8 @@ DiffusionOptions DiffusionOptions::from_json(const std::string& text) {
       else if (key == "min_snr_loss_weight") o.min_snr_loss_weight = value.as_bool();
       else if (key == "min_snr_gamma") o.min_snr_gamma = value.as_double();
       else if (key == "vlb_weight") o.vlb_weight = value.as_double();
+      else if (key == "loss_type") o.loss_type = value.as_string();
+      else if (key == "immiscible") o.immiscible = value.as_bool();
       else throw std::invalid_argument("unknown key");
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument("DiffusionOptions JSON key \"" + key + "\": " + e.what());
@@ -169,28 +178,50 @@ constexpr double kLn2 = std::numbers::ln2;
 }  // namespace
 
 GaussianDiffusionImpl::GaussianDiffusionImpl(Unet unet, DiffusionOptions options) : options_(std::move(options)) {
-  options_.validate();
   if (!unet) throw std::invalid_argument("GaussianDiffusion: the Unet is empty (nullptr)");
-  const int64_t c = unet->channels();
-  if (unet->out_dim() != c && unet->out_dim() != 2 * c) {
-    throw std::invalid_argument("GaussianDiffusion: Unet out_dim " + std::to_string(unet->out_dim()) +
+  init("Unet", unet->channels(), unet->out_dim(), unet->random_or_learned_sinusoidal_cond(), unet->downsample_factor());
+  model = register_module("model", std::move(unet));
+}
+
+GaussianDiffusionImpl::GaussianDiffusionImpl(ConditionalUnet unet, DiffusionOptions options)
+    : options_(std::move(options)) {
+  if (!unet) throw std::invalid_argument("GaussianDiffusion: the ConditionalUnet is empty (nullptr)");
+  if (unet->out_dim() != unet->channels()) {
+    throw std::invalid_argument("GaussianDiffusion: a ConditionalUnet needs out_dim == channels (" +
+                                std::to_string(unet->channels()) + "), got " + std::to_string(unet->out_dim()) +
+                                "; the reference's classifier-free-guidance diffusion has no learned variance");
+  }
+  init("ConditionalUnet", unet->channels(), unet->out_dim(), unet->random_or_learned_sinusoidal_cond(),
+       unet->downsample_factor());
+  conditional_model = register_module("model", std::move(unet));
+}
+
+std::shared_ptr<torch::nn::Module> GaussianDiffusionImpl::denoiser() const {
+  if (conditional()) return conditional_model.ptr();
+  return model.ptr();
+}
+
+void GaussianDiffusionImpl::init(const std::string& kind, int64_t c, int64_t out_dim, bool fourier_time,
+                                 int64_t downsample_factor) {
+  options_.validate();
+  if (out_dim != c && out_dim != 2 * c) {
+    throw std::invalid_argument("GaussianDiffusion: " + kind + " out_dim " + std::to_string(out_dim) +
                                 " must equal channels (" + std::to_string(c) + "), or 2 * channels (" +
                                 std::to_string(2 * c) + ") for a learned variance");
   }
-  if (unet->random_or_learned_sinusoidal_cond()) {
+  if (fourier_time) {
     throw std::invalid_argument(
-        "GaussianDiffusion: a Unet with learned_sinusoidal_cond or random_fourier_features is for "
+        "GaussianDiffusion: a " + kind + " with learned_sinusoidal_cond or random_fourier_features is for "
         "continuous-time diffusion; the reference's GaussianDiffusion refuses it too");
   }
-  if (options_.image_size % unet->downsample_factor() != 0) {
+  if (options_.image_size % downsample_factor != 0) {
     throw std::invalid_argument("GaussianDiffusion: image_size " + std::to_string(options_.image_size) +
-                                " is not divisible by the Unet's downsample factor " +
-                                std::to_string(unet->downsample_factor()));
+                                " is not divisible by the " + kind + "'s downsample factor " +
+                                std::to_string(downsample_factor));
   }
   objective_ = options_.objective == "pred_noise" ? Objective::kPredNoise
                : options_.objective == "pred_x0"  ? Objective::kPredX0
                                                   : Objective::kPredV;
-  model = register_module("model", std::move(unet));
 
   // Everything in float64 with the reference's operations, cast to float32 at registration.
   const auto b = beta_schedule(options_.beta_schedule, options_.timesteps);
@@ -273,19 +304,35 @@ GaussianStats GaussianDiffusionImpl::q_posterior(const torch::Tensor& x_start, c
 torch::Tensor GaussianDiffusionImpl::self_cond_input(const torch::Tensor& x,
                                                      const std::optional<torch::Tensor>& x_self_cond) const {
   const bool given = x_self_cond.has_value() && x_self_cond->defined();
-  if (!model->self_condition()) {
+  if (!self_condition()) {
     TORCH_CHECK(!given, "x_self_cond given, but the Unet was built with self_condition = false");
     return {};
   }
   return given ? *x_self_cond : torch::zeros_like(x);
 }
 
+torch::Tensor GaussianDiffusionImpl::denoise(const torch::Tensor& x, const torch::Tensor& t,
+                                             const std::optional<torch::Tensor>& x_self_cond,
+                                             const ClassCondition& condition) {
+  if (conditional()) {
+    TORCH_CHECK(condition.classes.defined(),
+                "this GaussianDiffusion's U-Net is class-conditional: pass the classes (int64 [batch]) to condition on");
+    TORCH_CHECK(!x_self_cond.has_value() || !x_self_cond->defined(),
+                "x_self_cond given, but a ConditionalUnet does not self-condition");
+    return conditional_model
+        ->forward_with_cond_scale(x, t, condition.classes, condition.cond_scale, condition.rescaled_phi)
+        .guided;
+  }
+  TORCH_CHECK(!condition.classes.defined(), "classes given, but this GaussianDiffusion's U-Net is unconditional");
+  auto sc = self_cond_input(x, x_self_cond);
+  return model->forward(x, t, sc.defined() ? std::optional<torch::Tensor>(sc) : std::nullopt);
+}
+
 ModelPrediction GaussianDiffusionImpl::model_predictions(const torch::Tensor& x, const torch::Tensor& t,
                                                          const std::optional<torch::Tensor>& x_self_cond,
-                                                         bool clip_x_start, bool rederive_pred_noise) {
-  auto sc = self_cond_input(x, x_self_cond);
-  auto out = model->forward(x, t, sc.defined() ? std::optional<torch::Tensor>(sc) : std::nullopt);
-  return predictions_from_output(out, x, t, clip_x_start, rederive_pred_noise);
+                                                         bool clip_x_start, bool rederive_pred_noise,
+                                                         const ClassCondition& condition) {
+  return predictions_from_output(denoise(x, t, x_self_cond, condition), x, t, clip_x_start, rederive_pred_noise);
 }
 
 ModelPrediction GaussianDiffusionImpl::predictions_from_output(const torch::Tensor& model_output,
@@ -346,10 +393,8 @@ GaussianStats GaussianDiffusionImpl::p_mean_variance_from_output(const torch::Te
 
 GaussianStats GaussianDiffusionImpl::p_mean_variance(const torch::Tensor& x, const torch::Tensor& t,
                                                      const std::optional<torch::Tensor>& x_self_cond,
-                                                     bool clip_denoised) {
-  auto sc = self_cond_input(x, x_self_cond);
-  auto out = model->forward(x, t, sc.defined() ? std::optional<torch::Tensor>(sc) : std::nullopt);
-  return p_mean_variance_from_output(out, x, t, clip_denoised);
+                                                     bool clip_denoised, const ClassCondition& condition) {
+  return p_mean_variance_from_output(denoise(x, t, x_self_cond, condition), x, t, clip_denoised);
 }
 
 torch::Tensor GaussianDiffusionImpl::vb_terms_bpd(const GaussianStats& p, const torch::Tensor& x_start,
@@ -386,14 +431,22 @@ torch::Tensor GaussianDiffusionImpl::prior_bpd(const torch::Tensor& x_start) con
 }
 
 torch::Tensor GaussianDiffusionImpl::p_losses(const torch::Tensor& x_start, const torch::Tensor& t,
-                                              const torch::Tensor& noise, bool self_condition_pass) {
+                                              const torch::Tensor& noise, bool self_condition_pass,
+                                              const torch::Tensor& classes, const torch::Tensor& keep_mask) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x_start.size(0) && t.scalar_type() == torch::kLong,
               "timesteps t must be int64 of shape [", x_start.size(0), "], got ", t.scalar_type(), " ", t.sizes());
   TORCH_CHECK(noise.sizes() == x_start.sizes(), "noise must have the shape of x_start ", x_start.sizes(), ", got ",
               noise.sizes());
-  auto x = q_sample(x_start, t, noise);
+  TORCH_CHECK(conditional() == classes.defined(),
+              conditional() ? "this GaussianDiffusion's U-Net is class-conditional: pass the images' classes"
+                            : "classes given, but this GaussianDiffusion's U-Net is unconditional");
+  TORCH_CHECK(conditional() || !keep_mask.defined(), "keep_mask given, but this GaussianDiffusion's U-Net is unconditional");
+  // Immiscible diffusion permutes the noise that forms x_t only: the targets below keep the
+  // caller's order, as in the reference, whose q_sample permutes a local copy.
+  auto x = q_sample(x_start, t, options_.immiscible ? noise.index_select(0, immiscible_noise_assignment(x_start, noise))
+                                                    : noise);
   std::optional<torch::Tensor> x_self_cond;
-  if (model->self_condition()) {
+  if (self_condition()) {
     if (self_condition_pass) {
       torch::NoGradGuard no_grad;
       x_self_cond = model_predictions(x, t).pred_x_start.detach();
@@ -401,7 +454,7 @@ torch::Tensor GaussianDiffusionImpl::p_losses(const torch::Tensor& x_start, cons
       x_self_cond = torch::zeros_like(x);
     }
   }
-  auto model_out = model->forward(x, t, x_self_cond);
+  auto model_out = conditional() ? conditional_model->forward(x, t, classes, keep_mask) : model->forward(x, t, x_self_cond);
   auto mean_out = learned_variance() ? model_out.slice(1, 0, channels()) : model_out;
   torch::Tensor target;
   switch (objective_) {
@@ -409,29 +462,34 @@ torch::Tensor GaussianDiffusionImpl::p_losses(const torch::Tensor& x_start, cons
     case Objective::kPredX0: target = x_start; break;
     case Objective::kPredV: target = predict_v(x_start, t, noise); break;
   }
-  auto loss = mean_flat(torch::mse_loss(mean_out, target, at::Reduction::None));
+  auto loss = mean_flat(options_.loss_type == "l1" ? torch::l1_loss(mean_out, target, at::Reduction::None)
+                                                   : torch::mse_loss(mean_out, target, at::Reduction::None));
   loss = loss * extract(loss_weight, t, 1);
   if (learned_variance()) loss = loss + hybrid_vlb_loss(model_out, x_start, x, t);
   return loss;
 }
 
 torch::Tensor GaussianDiffusionImpl::training_losses(const torch::Tensor& x_start, const torch::Tensor& t,
-                                                     const torch::Tensor& noise, torch::Generator generator) {
+                                                     const torch::Tensor& noise, torch::Generator generator,
+                                                     const torch::Tensor& classes) {
   auto eps = noise;
   if (options_.offset_noise_strength > 0) {
     auto offset = randn_from(generator, {x_start.size(0), x_start.size(1)}, x_start.options());
     eps = noise + options_.offset_noise_strength * offset.unsqueeze(-1).unsqueeze(-1);
   }
   bool self_condition_pass = false;
-  if (model->self_condition()) {
+  if (self_condition()) {
     auto coin = torch::rand({1}, as_optional(generator),
                             torch::TensorOptions(torch::kFloat32).device(draw_device(generator, torch::kCPU)));
     self_condition_pass = coin.item<float>() < 0.5f;
   }
-  return p_losses(x_start, t, eps, self_condition_pass);
+  torch::Tensor keep_mask;
+  if (conditional()) keep_mask = conditional_model->draw_keep_mask(x_start.size(0), x_start.device(), generator);
+  return p_losses(x_start, t, eps, self_condition_pass, classes, keep_mask);
 }
 
-torch::Tensor GaussianDiffusionImpl::forward(const torch::Tensor& img, torch::Generator generator) {
+torch::Tensor GaussianDiffusionImpl::forward(const torch::Tensor& img, torch::Generator generator,
+                                             const torch::Tensor& classes) {
   const int64_t s = options_.image_size;
   TORCH_CHECK(img.dim() == 4 && img.size(1) == channels() && img.size(2) == s && img.size(3) == s,
               "GaussianDiffusion expects images of shape [batch, ", channels(), ", ", s, ", ", s, "], got ",
@@ -442,22 +500,26 @@ torch::Tensor GaussianDiffusionImpl::forward(const torch::Tensor& img, torch::Ge
                .to(img.device());
   auto x_start = normalize(img);
   auto noise = randn_from(generator, x_start.sizes(), x_start.options());
-  return training_losses(x_start, t, noise, generator).mean();
+  return training_losses(x_start, t, noise, generator, classes).mean();
 }
 
-torch::Tensor GaussianDiffusionImpl::sample(int64_t batch, const SampleOptions& options, torch::Generator generator) {
+torch::Tensor GaussianDiffusionImpl::sample(int64_t batch, const SampleOptions& options, torch::Generator generator,
+                                            const torch::Tensor& classes) {
   TORCH_CHECK(batch >= 1, "sample: batch must be positive, got ", batch);
+  TORCH_CHECK(!classes.defined() || (classes.dim() == 1 && classes.size(0) == batch),
+              "sample: one class per image needed, classes of shape [", batch, "], got ", classes.sizes());
   const int64_t s = options_.image_size;
   auto noise = randn_from(generator, {batch, channels(), s, s}, betas.options());
-  return sample_from(noise, options, generator);
+  return sample_from(noise, options, generator, classes);
 }
 
 torch::Tensor GaussianDiffusionImpl::p_sample_step(const torch::Tensor& img, int64_t t, torch::Tensor& x_start,
-                                                   bool clip, torch::Generator& generator) {
+                                                   bool clip, torch::Generator& generator,
+                                                   const ClassCondition& condition) {
   auto batched = torch::full({img.size(0)}, t, torch::TensorOptions(torch::kLong).device(img.device()));
   std::optional<torch::Tensor> sc;
   if (self_condition()) sc = x_start.defined() ? x_start : torch::zeros_like(img);
-  auto p = p_mean_variance(img, batched, sc, clip);
+  auto p = p_mean_variance(img, batched, sc, clip, condition);
   x_start = p.pred_x_start;
   if (t == 0) return p.mean;  // the reference adds exp(.) * 0.
   auto noise = randn_from(generator, img.sizes(), img.options());
@@ -465,7 +527,7 @@ torch::Tensor GaussianDiffusionImpl::p_sample_step(const torch::Tensor& img, int
 }
 
 torch::Tensor GaussianDiffusionImpl::sample_from(torch::Tensor initial_noise, const SampleOptions& options,
-                                                 torch::Generator generator) {
+                                                 torch::Generator generator, const torch::Tensor& classes) {
   options.validate(options_.timesteps);
   const int64_t s = options_.image_size;
   TORCH_CHECK(initial_noise.dim() == 4 && initial_noise.size(1) == channels() && initial_noise.size(2) == s &&
@@ -475,9 +537,12 @@ torch::Tensor GaussianDiffusionImpl::sample_from(torch::Tensor initial_noise, co
   torch::NoGradGuard no_grad;
   auto img = initial_noise.to(betas.device(), betas.scalar_type());
   const int64_t b = img.size(0);
+  const ClassCondition condition{classes, options.cond_scale, options.rescaled_phi};
   torch::Tensor x_start;
   if (options.sampler == "ddpm") {
-    for (int64_t t = options_.timesteps - 1; t >= 0; --t) img = p_sample_step(img, t, x_start, options.clip_denoised, generator);
+    for (int64_t t = options_.timesteps - 1; t >= 0; --t) {
+      img = p_sample_step(img, t, x_start, options.clip_denoised, generator, condition);
+    }
     return unnormalize(img);
   }
   // DDIM: times = linspace(-1, T - 1, steps + 1) in float32, truncated to int, reversed.
@@ -489,7 +554,9 @@ torch::Tensor GaussianDiffusionImpl::sample_from(torch::Tensor initial_noise, co
     auto time_cond = torch::full({b}, time, torch::TensorOptions(torch::kLong).device(img.device()));
     std::optional<torch::Tensor> sc;
     if (self_condition()) sc = x_start.defined() ? x_start : torch::zeros_like(img);
-    auto pred = model_predictions(img, time_cond, sc, options.clip_denoised, /*rederive_pred_noise=*/true);
+    // The classifier-free-guidance reference does not re-derive the noise from the clipped x0.
+    auto pred = model_predictions(img, time_cond, sc, options.clip_denoised, /*rederive_pred_noise=*/!conditional(),
+                                  condition);
     x_start = pred.pred_x_start;
     if (time_next < 0) {
       img = x_start;
@@ -507,7 +574,7 @@ torch::Tensor GaussianDiffusionImpl::sample_from(torch::Tensor initial_noise, co
 }
 
 VlbResult GaussianDiffusionImpl::vlb_bits_per_dim(const torch::Tensor& x_start, torch::Generator generator,
-                                                  bool clip_denoised) {
+                                                  bool clip_denoised, const ClassCondition& condition) {
   TORCH_CHECK(x_start.dim() == 4 && x_start.size(1) == channels(), "vlb_bits_per_dim expects x_start of shape [batch, ",
               channels(), ", H, W] in [-1, 1], got ", x_start.sizes());
   torch::NoGradGuard no_grad;
@@ -520,7 +587,7 @@ VlbResult GaussianDiffusionImpl::vlb_bits_per_dim(const torch::Tensor& x_start, 
     auto batched = torch::full({b}, t, torch::TensorOptions(torch::kLong).device(x0.device()));
     auto noise = randn_from(generator, x0.sizes(), x0.options());
     auto x_t = q_sample(x0, batched, noise);
-    auto p = p_mean_variance(x_t, batched, std::nullopt, clip_denoised);
+    auto p = p_mean_variance(x_t, batched, std::nullopt, clip_denoised, condition);
     r.vb_bpd.select(1, t).copy_(vb_terms_bpd(p, x0, x_t, batched));
     auto eps = predict_noise_from_start(x_t, batched, p.pred_x_start);
     r.mse.select(1, t).copy_(mean_flat((eps - noise).pow(2)));

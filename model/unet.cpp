@@ -189,18 +189,8 @@ UnetImpl::UnetImpl(UnetOptions options) : options_(std::move(options)) {
   // registered in its order of attribute assignment (which fixes the state_dict order); the two
   // differ because `downs` and `ups` are registered empty before the middle blocks are built.
   init_conv = register_module("init_conv", nn::Conv2d(nn::Conv2dOptions(input_channels, init, 7).padding(3)));
-  if (random_or_learned_sinusoidal_cond()) {
-    RandomOrLearnedSinusoidalPosEmb pos(o.learned_sinusoidal_dim, o.random_fourier_features);
-    nn::Linear l1(o.learned_sinusoidal_dim + 1, time_dim);
-    nn::Linear l2(time_dim, time_dim);
-    time_mlp = nn::Sequential(pos, l1, nn::GELU(), l2);
-  } else {
-    SinusoidalPosEmb pos(o.dim, o.sinusoidal_pos_emb_theta);
-    nn::Linear l1(o.dim, time_dim);
-    nn::Linear l2(time_dim, time_dim);
-    time_mlp = nn::Sequential(pos, l1, nn::GELU(), l2);
-  }
-  register_module("time_mlp", time_mlp);
+  time_mlp = register_module("time_mlp", blocks::time_mlp(o.dim, o.learned_sinusoidal_cond, o.random_fourier_features,
+                                                          o.learned_sinusoidal_dim, o.sinusoidal_pos_emb_theta));
   downs = register_module("downs", nn::ModuleList());
   ups = register_module("ups", nn::ModuleList());
 

@@ -42,6 +42,22 @@ torch::Tensor RandomOrLearnedSinusoidalPosEmbImpl::forward(const torch::Tensor& 
   return torch::cat({x.to(fouriered.scalar_type()), fouriered}, -1);
 }
 
+torch::nn::Sequential time_mlp(int64_t dim, bool learned_sinusoidal_cond, bool random_fourier_features,
+                               int64_t learned_sinusoidal_dim, double theta) {
+  namespace nn = torch::nn;
+  const int64_t time_dim = dim * 4;
+  if (learned_sinusoidal_cond || random_fourier_features) {
+    RandomOrLearnedSinusoidalPosEmb pos(learned_sinusoidal_dim, random_fourier_features);
+    nn::Linear l1(learned_sinusoidal_dim + 1, time_dim);
+    nn::Linear l2(time_dim, time_dim);
+    return nn::Sequential(pos, l1, nn::GELU(), l2);
+  }
+  SinusoidalPosEmb pos(dim, theta);
+  nn::Linear l1(dim, time_dim);
+  nn::Linear l2(time_dim, time_dim);
+  return nn::Sequential(pos, l1, nn::GELU(), l2);
+}
+
 BlockImpl::BlockImpl(int64_t dim, int64_t dim_out, double dropout) : dropout_(dropout) {
   proj = register_module("proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(dim, dim_out, 3).padding(1)));
   norm = register_module("norm", RMSNorm(dim_out));

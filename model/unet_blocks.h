@@ -43,6 +43,12 @@ class RandomOrLearnedSinusoidalPosEmbImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RandomOrLearnedSinusoidalPosEmb);
 
+/// The time embedding MLP, Sequential(pos-emb [0], Linear [1], GELU [2], Linear [3]) to 4 * dim:
+/// RandomOrLearnedSinusoidalPosEmb(learned_dim) when learned or random, else SinusoidalPosEmb(dim,
+/// theta). Constructed in the reference's order, so seeded weights match.
+torch::nn::Sequential time_mlp(int64_t dim, bool learned_sinusoidal_cond, bool random_fourier_features,
+                               int64_t learned_sinusoidal_dim, double theta);
+
 /// conv3x3 -> RMSNorm -> optional `x * (scale + 1) + shift` -> SiLU -> dropout.
 class BlockImpl : public torch::nn::Module {
  public:

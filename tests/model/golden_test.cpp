@@ -165,7 +165,8 @@ TEST(Golden, ScheduleBuffersAreBitIdentical) {
 TEST(Golden, TrainingLossesMatchReference) {
   const auto& g = cases();
   for (std::string c : {"loss_noise_linear", "loss_x0_cosine", "loss_v_sigmoid", "loss_v_minsnr", "loss_noise_offset",
-                        "loss_selfcond_on", "loss_selfcond_off"}) {
+                        "loss_selfcond_on", "loss_selfcond_off", "loss_l1_noise", "loss_l1_x0_minsnr",
+                        "loss_l1_v_offset", "loss_l1_selfcond"}) {
     auto d = golden_diffusion(c);
     const auto& x = g.at(c + ".x_start");
     const auto& t = g.at(c + ".t");
@@ -210,7 +211,7 @@ TEST(Golden, SamplersMatchReferenceAndConsumeTheSameRandomNumbers) {
 
 TEST(Golden, LearnedVarianceHybridLossMatchesImprovedDiffusion) {
   const auto& g = cases();
-  for (std::string c : {"hybrid_noise", "hybrid_v"}) {
+  for (std::string c : {"hybrid_noise", "hybrid_v", "hybrid_v_l1"}) {
     auto d = golden_diffusion(c);
     ASSERT_TRUE(d->learned_variance());
     const auto& x = g.at(c + ".x_start");

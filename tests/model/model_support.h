@@ -11,6 +11,7 @@
 #include <string>
 
 #include "support.h"
+#include "model/conditional_unet.h"
 #include "model/diffusion.h"
 #include "util/json.h"
 #include "model/safetensors.h"
@@ -75,6 +76,23 @@ inline model::GaussianDiffusion golden_diffusion(const std::string& c) {
   const auto& g = cases();
   auto options = model::DiffusionOptions::from_json(g.str(c + ".diffusion"));
   model::GaussianDiffusion diffusion(golden_unet(g.str(c + ".unet")), options);
+  diffusion->eval();
+  return diffusion;
+}
+
+/// The reference's classifier-free-guidance Unet ("unet_cfg.safetensors") with its golden weights, in eval mode.
+inline model::ConditionalUnet golden_conditional_unet() {
+  auto file = load_golden("unet_cfg.safetensors");
+  model::ConditionalUnet unet(model::ConditionalUnetOptions::from_json(file.str("conditional_unet_options")));
+  model::load_state_dict(*unet, file.ordered);
+  unet->eval();
+  return unet;
+}
+
+/// A conditional diffusion for golden case `c`: the golden ConditionalUnet and the case's options.
+inline model::GaussianDiffusion golden_conditional_diffusion(const std::string& c) {
+  auto options = model::DiffusionOptions::from_json(cases().str(c + ".diffusion"));
+  model::GaussianDiffusion diffusion(golden_conditional_unet(), options);
   diffusion->eval();
   return diffusion;
 }

@@ -22,6 +22,21 @@ The learned-variance and likelihood values have no counterpart in the reference 
 from an independent float64 implementation below of openai/improved-diffusion's formulas
 (learned-range variance, hybrid loss, calc_bpd_loop) with the exact normal CDF, built on the
 reference's own GaussianDiffusion helpers.
+
+Issue 16 adds (sections "classifier-free guidance", "loss_type l1", "immiscible", "linear assignment"):
+  unet_cfg.safetensors      weights of denoising_diffusion_pytorch.classifier_free_guidance.Unet after a
+                            seed (metadata: diffuse's ConditionalUnetOptions JSON as "conditional_unet_options")
+  cfg_* cases               its forward with kept / dropped / randomly dropped classes, forward_with_cond_scale
+                            at several cond_scale / rescaled_phi, its GaussianDiffusion's losses, one training
+                            step (loss and gradients) and DDPM / DDIM sampler replays, all from the reference;
+  loss_l1_* / hybrid_v_l1   loss_type='l1' with the semantics of denoising-diffusion-pytorch 1.5.8 (the last
+                            release with loss_type): loss_fn(model_out, target, reduction='none') with
+                            loss_fn = F.l1_loss, averaged per sample, times loss_weight[t]. Computed by running
+                            2.3.1's p_losses with F.mse_loss swapped for F.l1_loss (1.5.8's p_losses differs from
+                            2.3.1's only in that call; offset noise and min-SNR came later and compose the same way);
+  immiscible_*              2.3.1's immiscible=True (scipy.optimize.linear_sum_assignment on torch.cdist), with
+                            the assignment itself and the quirk that the targets use the unpermuted noise;
+  assign_*                  scipy.optimize.linear_sum_assignment on random matrices (column per row, optimal cost).
 """
 import hashlib
 import json
@@ -37,7 +52,9 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import denoising_diffusion_pytorch as ddp
+import denoising_diffusion_pytorch.classifier_free_guidance as cfg
 from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+from scipy.optimize import linear_sum_assignment
 from denoising_diffusion_pytorch.denoising_diffusion_pytorch import extract
 
 OUT = Path(__file__).resolve().parent
@@ -70,7 +87,7 @@ def unet_json(**kw):
 def diffusion_json(**kw):
     o = dict(image_size=128, timesteps=1000, sampling_timesteps=None, objective="pred_v", beta_schedule="sigmoid",
              ddim_sampling_eta=0.0, auto_normalize=True, offset_noise_strength=0.0, min_snr_loss_weight=False,
-             min_snr_gamma=5.0, vlb_weight=0.001)
+             min_snr_gamma=5.0, vlb_weight=0.001, loss_type="l2", immiscible=False)
     o.update(kw)
     return json.dumps(o, separators=(",", ":"))
 
@@ -353,9 +370,9 @@ def vb_bits(d, mean, log_var, x_start, x_t, t, learned):
     return torch.where(t == 0, nll, k)
 
 
-def hybrid_case(case, seed, **kw):
+def hybrid_case(case, seed, loss_type="l2", **kw):
     d = diffusion("lv", **kw).eval()
-    meta[f"{case}.diffusion"] = diffusion_json(**kw)
+    meta[f"{case}.diffusion"] = diffusion_json(**kw) if loss_type == "l2" else diffusion_json(loss_type=loss_type, **kw)
     meta[f"{case}.unet"] = "lv"
     g = torch.Generator().manual_seed(seed)
     b, s, T = 4, kw["image_size"], kw["timesteps"]
@@ -368,7 +385,8 @@ def hybrid_case(case, seed, **kw):
         out = d.model(x_t, t)
         mean_out = out[:, :3]
         target = {"pred_noise": noise, "pred_x0": x_start, "pred_v": d.predict_v(x_start, t, noise)}[d.objective]
-        mse = F.mse_loss(mean_out, target, reduction="none").mean(dim=(1, 2, 3)) * extract(d.loss_weight, t, (b,))
+        simple = F.l1_loss if loss_type == "l1" else F.mse_loss  # only the simple term follows loss_type
+        mse = simple(mean_out, target, reduction="none").mean(dim=(1, 2, 3)) * extract(d.loss_weight, t, (b,))
         mean, log_var, _ = p_stats(d, out, x_t, t, clip=False, learned=True)
         vb = vb_bits(d, mean, log_var, x_start, x_t, t, learned=True)
     put(f"{case}.x_start", x_start)
@@ -381,6 +399,7 @@ def hybrid_case(case, seed, **kw):
 
 hybrid_case("hybrid_noise", 51, image_size=16, timesteps=40, objective="pred_noise", beta_schedule="cosine")
 hybrid_case("hybrid_v", 52, image_size=16, timesteps=40, objective="pred_v")
+hybrid_case("hybrid_v_l1", 53, loss_type="l1", image_size=8, timesteps=40, objective="pred_v")
 
 
 def vlb_case(case, unet_name, seed, clip, **kw):
@@ -441,6 +460,204 @@ def lv_ddpm_case(case, seed, **kw):
 
 
 lv_ddpm_case("sample_learned_ddpm", 71, image_size=16, timesteps=20, objective="pred_v")
+
+# ------------------------------------------------------------------------------------------------
+# Classifier-free guidance: denoising_diffusion_pytorch.classifier_free_guidance (Unet, GaussianDiffusion)
+
+CFG_SEED = 16
+CFG_KWARGS = dict(dim=4, num_classes=3, cond_drop_prob=0.5, dim_mults=(1, 2), channels=3, attn_heads=2,
+                  attn_dim_head=8)
+
+
+def conditional_unet_json(**kw):
+    o = dict(dim=64, num_classes=10, cond_drop_prob=0.5, init_dim=None, out_dim=None, dim_mults=[1, 2, 4, 8],
+             channels=3, learned_variance=False, learned_sinusoidal_cond=False, random_fourier_features=False,
+             learned_sinusoidal_dim=16, attn_dim_head=32, attn_heads=4)
+    o.update({k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()})
+    return json.dumps(o, separators=(",", ":"))
+
+
+torch.manual_seed(CFG_SEED)
+cfg_unet = cfg.Unet(**CFG_KWARGS)
+path = OUT / "unet_cfg.safetensors"
+save_file({k: v.contiguous() for k, v in cfg_unet.state_dict().items()}, str(path),
+          metadata=one_key({"@generated": STAMP, "conditional_unet_options": conditional_unet_json(**CFG_KWARGS),
+                            "seed": str(CFG_SEED), "keys": "\n".join(cfg_unet.state_dict().keys())}))
+files[path.name] = "weights of classifier_free_guidance.Unet 'cfg' right after torch.manual_seed(%d)" % CFG_SEED
+cfg_unet.eval()
+
+# forward with every class kept (cond_drop_prob=0), every class dropped (1), and dropped at random (0.5, from
+# the global generator seeded with 'seed'); the keep mask those draws give, recomputed the reference's way
+g = torch.Generator().manual_seed(81)
+x = torch.randn(4, 3, 8, 8, generator=g)
+t = torch.randint(0, 1000, (4,), generator=g)
+classes = torch.tensor([0, 2, 1, 2])
+put("cfg_forward.x", x)
+put("cfg_forward.t", t)
+put("cfg_forward.classes", classes)
+with torch.no_grad():
+    put("cfg_forward.kept", cfg_unet(x, t, classes, cond_drop_prob=0.))
+    put("cfg_forward.dropped", cfg_unet(x, t, classes, cond_drop_prob=1.))
+    torch.manual_seed(82)
+    put("cfg_forward.random", cfg_unet(x, t, classes, cond_drop_prob=0.5))
+    torch.manual_seed(82)
+    put("cfg_forward.keep_mask", cfg.prob_mask_like((4,), 0.5, "cpu"))
+meta["cfg_forward.seed"] = "82"
+
+GUIDANCE = [  # cond_scale, rescaled_phi, remove_parallel_component, keep_parallel_frac
+    (1.0, 0.0, True, 0.0), (3.0, 0.0, True, 0.0), (6.0, 0.7, True, 0.0), (2.5, 1.0, True, 0.0),
+    (4.0, 0.3, False, 0.0), (4.0, 0.0, True, 0.5), (0.0, 0.0, True, 0.0)]
+with torch.no_grad():
+    for i, (scale, phi, remove, keep) in enumerate(GUIDANCE):
+        r = cfg_unet.forward_with_cond_scale(x, t, classes, cond_scale=scale, rescaled_phi=phi,
+                                             remove_parallel_component=remove, keep_parallel_frac=keep)
+        guided, null = (r, None) if scale == 1 else r
+        put(f"cfg_guided_{i}.out", guided)
+        if null is not None:
+            put(f"cfg_guided_{i}.null", null)
+meta["cfg_guidance"] = json.dumps([dict(cond_scale=a, rescaled_phi=b, remove_parallel_component=c, keep_parallel_frac=d)
+                                   for a, b, c, d in GUIDANCE], separators=(",", ":"))
+
+
+def cfg_diffusion(**kw):
+    return cfg.GaussianDiffusion(cfg_unet, **kw)
+
+
+class l1_loss_swapped:
+    """1.5.8's loss_type='l1' inside 2.3.1's p_losses: its one F.mse_loss call becomes F.l1_loss."""
+
+    def __enter__(self):
+        self.saved = F.mse_loss
+        F.mse_loss = F.l1_loss
+
+    def __exit__(self, *exc):
+        F.mse_loss = self.saved
+
+
+def cfg_loss_case(case, seed, loss_type="l2", **kw):
+    d = cfg_diffusion(**kw).eval()
+    meta[f"{case}.diffusion"] = diffusion_json(loss_type=loss_type, **kw)
+    meta[f"{case}.seed"] = str(seed)
+    g = torch.Generator().manual_seed(seed)
+    b, s = 4, kw["image_size"]
+    x_start = torch.rand(b, 3, s, s, generator=g) * 2 - 1
+    t = torch.tensor([0, 1, kw["timesteps"] // 2, kw["timesteps"] - 1])
+    noise = torch.randn(b, 3, s, s, generator=g)
+    classes = torch.randint(0, 3, (b,), generator=g)
+    for name, v in (("x_start", x_start), ("t", t), ("noise", noise), ("classes", classes)):
+        put(f"{case}.{name}", v)
+    torch.manual_seed(seed)  # offset noise, then the condition-dropout mask, from the global generator
+    with (l1_loss_swapped() if loss_type == "l1" else torch.no_grad()):
+        loss = d.p_losses(x_start, t, classes=classes, noise=noise.clone(), loss_reduction="none")
+    put(f"{case}.loss", loss)
+
+
+cfg_loss_case("cfg_loss_noise", 83, image_size=8, timesteps=100, objective="pred_noise", beta_schedule="cosine")
+cfg_loss_case("cfg_loss_v_offset", 84, image_size=8, timesteps=100, objective="pred_v", beta_schedule="linear",
+              offset_noise_strength=0.1, min_snr_loss_weight=True, min_snr_gamma=3.0)
+cfg_loss_case("cfg_loss_x0_l1", 85, loss_type="l1", image_size=8, timesteps=100, objective="pred_x0",
+              beta_schedule="cosine")
+
+# one training step: forward (randint t, randn noise, dropout mask from the seeded global generator), backward
+CFG_TRAIN = dict(image_size=8, timesteps=100, objective="pred_v", beta_schedule="cosine")
+d = cfg_diffusion(**CFG_TRAIN).train()
+img = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(86))
+classes = torch.tensor([1, 0, 2, 1])
+cfg_unet.zero_grad()
+torch.manual_seed(87)
+loss = d(img, classes=classes)
+loss.backward()
+put("cfg_train.img", img)
+put("cfg_train.classes", classes)
+put("cfg_train.loss", loss.reshape(1))
+GRAD_KEYS = ["null_classes_emb", "classes_emb.weight", "classes_mlp.0.weight", "init_conv.weight",
+             "downs.0.2.fn.fn.to_qkv.weight", "mid_attn.fn.fn.to_qkv.weight", "mid_attn.fn.norm.g", "final_conv.weight"]
+params = dict(cfg_unet.named_parameters())
+for k in GRAD_KEYS:
+    put(f"cfg_train.grad.{k}", params[k].grad)
+put("cfg_train.grad_norm", torch.stack([p.grad.norm() for p in cfg_unet.parameters()]).norm().reshape(1))
+meta["cfg_train.diffusion"] = diffusion_json(**CFG_TRAIN)
+meta["cfg_train.seed"] = "87"
+meta["cfg_train.grad_keys"] = ",".join(GRAD_KEYS)
+cfg_unet.zero_grad()
+cfg_unet.eval()
+
+
+def cfg_sample_case(case, seed, classes, cond_scale, rescaled_phi, **kw):
+    d = cfg_diffusion(**kw).eval()
+    meta[f"{case}.diffusion"] = diffusion_json(**kw)
+    meta[f"{case}.seed"] = str(seed)
+    meta[f"{case}.cond_scale"] = repr(cond_scale)
+    meta[f"{case}.rescaled_phi"] = repr(rescaled_phi)
+    put(f"{case}.classes", classes)
+    torch.manual_seed(seed)
+    put(f"{case}.samples", d.sample(classes=classes, cond_scale=cond_scale, rescaled_phi=rescaled_phi))
+    put(f"{case}.next_draw", torch.randn(4))
+
+
+cfg_sample_case("cfg_sample_ddpm", 88, torch.tensor([0, 1, 2]), 6.0, 0.7, image_size=8, timesteps=20,
+                objective="pred_noise", beta_schedule="cosine")
+cfg_sample_case("cfg_sample_ddim_eta0", 89, torch.tensor([2, 0]), 3.0, 0.0, image_size=8, timesteps=30,
+                sampling_timesteps=6, ddim_sampling_eta=0.0, objective="pred_v", beta_schedule="linear")
+cfg_sample_case("cfg_sample_ddim_eta05", 90, torch.tensor([1, 1, 0]), 2.0, 0.5, image_size=8, timesteps=30,
+                sampling_timesteps=5, ddim_sampling_eta=0.5, objective="pred_x0", beta_schedule="linear")
+# pred_noise DDIM: the guided noise prediction is used as is (no re-derivation from the clipped x0)
+cfg_sample_case("cfg_sample_ddim_noise", 91, torch.tensor([0, 2]), 3.0, 0.7, image_size=8, timesteps=30,
+                sampling_timesteps=6, ddim_sampling_eta=1.0, objective="pred_noise", beta_schedule="cosine")
+
+# ------------------------------------------------------------------------------------------------
+# loss_type 'l1' (1.x semantics, see the docstring), on the 2.x GaussianDiffusion and its options
+
+
+def l1_loss_case(case, unet_name, seed, self_cond_coin=None, **kw):
+    with l1_loss_swapped():
+        loss_case(case, unet_name, seed, self_cond_coin, **kw)
+    meta[f"{case}.diffusion"] = diffusion_json(loss_type="l1", **kw)
+
+
+l1_loss_case("loss_l1_noise", "a", 101, image_size=8, timesteps=100, objective="pred_noise", beta_schedule="linear")
+l1_loss_case("loss_l1_x0_minsnr", "a", 102, image_size=8, timesteps=100, objective="pred_x0", beta_schedule="cosine",
+             min_snr_loss_weight=True)
+l1_loss_case("loss_l1_v_offset", "a", 103, image_size=8, timesteps=100, objective="pred_v",
+             offset_noise_strength=0.1)
+l1_loss_case("loss_l1_selfcond", "b", 104, self_cond_coin=0.0, image_size=8, timesteps=100, objective="pred_v")
+
+# ------------------------------------------------------------------------------------------------
+# immiscible=True (2.3.1): x_t from the assigned noise, targets from the caller's (unpermuted) noise
+
+
+def immiscible_case(case, seed, **kw):
+    d = diffusion("a", immiscible=True, **kw).eval()
+    meta[f"{case}.diffusion"] = diffusion_json(immiscible=True, **kw)
+    meta[f"{case}.unet"] = "a"
+    g = torch.Generator().manual_seed(seed)
+    b, s = 6, kw["image_size"]
+    x_start = torch.rand(b, 3, s, s, generator=g) * 2 - 1
+    t = torch.randint(0, kw["timesteps"], (b,), generator=g)
+    noise = torch.randn(b, 3, s, s, generator=g)
+    put(f"{case}.x_start", x_start)
+    put(f"{case}.t", t)
+    put(f"{case}.noise", noise)
+    put(f"{case}.assign", d.noise_assignment(x_start, noise).long())
+    with torch.no_grad():
+        put(f"{case}.loss", d.p_losses(x_start, t, noise=noise.clone(), loss_reduction="none"))
+
+
+immiscible_case("immiscible_v", 111, image_size=8, timesteps=100, objective="pred_v")
+immiscible_case("immiscible_noise", 112, image_size=8, timesteps=100, objective="pred_noise", beta_schedule="cosine")
+immiscible_case("immiscible_x0", 113, image_size=8, timesteps=100, objective="pred_x0", beta_schedule="linear")
+
+# ------------------------------------------------------------------------------------------------
+# scipy.optimize.linear_sum_assignment on random matrices
+
+ASSIGN = [("assign_5", 5, 5), ("assign_8", 8, 8), ("assign_6x9", 6, 9), ("assign_64", 64, 64)]
+for case, n, m in ASSIGN:
+    cost = torch.rand(n, m, generator=torch.Generator().manual_seed(120 + n * m)) * 10
+    rows, cols = linear_sum_assignment(cost.double().numpy())
+    assert list(rows) == list(range(n))
+    put(f"{case}.cost", cost)
+    put(f"{case}.column", torch.from_numpy(cols).long())
+    put(f"{case}.total", cost.double()[torch.from_numpy(rows), torch.from_numpy(cols)].sum().reshape(1))
 
 # ------------------------------------------------------------------------------------------------
 
