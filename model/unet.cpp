@@ -315,21 +315,35 @@ torch::Tensor UnetImpl::forward(const torch::Tensor& x, const torch::Tensor& tim
 // ---------------------------------------------------------------------------------------------
 // FLOP count
 
-int64_t unet_forward_flops(const UnetOptions& o, int64_t image_size, int64_t batch) {
+namespace {
+
+/// What the size counts below need: stage widths (init, then dim * mult) and per-stage attention.
+struct StageShapes {
+  int64_t n = 0;
+  std::vector<int64_t> dims;
+  std::vector<bool> full;
+  std::vector<int64_t> heads, dim_head;
+};
+
+StageShapes stage_shapes(const UnetOptions& o, int64_t image_size, const char* caller) {
   o.validate();
-  const int64_t n = o.num_stages();
-  const int64_t factor = int64_t{1} << (n - 1);
+  StageShapes shapes{o.num_stages(), {o.resolved_init_dim()}, o.stage_full_attn(), o.stage_attn_heads(),
+                     o.stage_attn_dim_head()};
+  const int64_t factor = int64_t{1} << (shapes.n - 1);
   if (image_size < 1 || image_size % factor != 0) {
-    throw std::invalid_argument("unet_forward_flops: image_size " + std::to_string(image_size) +
+    throw std::invalid_argument(std::string(caller) + ": image_size " + std::to_string(image_size) +
                                 " must be a positive multiple of " + std::to_string(factor));
   }
+  for (auto m : o.dim_mults) shapes.dims.push_back(o.dim * m);
+  return shapes;
+}
+
+}  // namespace
+
+int64_t unet_forward_flops(const UnetOptions& o, int64_t image_size, int64_t batch) {
+  const auto [n, dims, full, heads, dim_head] = stage_shapes(o, image_size, "unet_forward_flops");
   const int64_t time_dim = 4 * o.dim;
-  const int64_t init = o.resolved_init_dim();
-  const auto full = o.stage_full_attn();
-  const auto heads = o.stage_attn_heads();
-  const auto dim_head = o.stage_attn_dim_head();
-  std::vector<int64_t> dims{init};
-  for (auto m : o.dim_mults) dims.push_back(o.dim * m);
+  const int64_t init = dims.front();
 
   auto conv = [](int64_t cin, int64_t cout, int64_t k, int64_t side) { return 2 * cin * cout * k * k * side * side; };
   auto resnet = [&](int64_t in, int64_t out, int64_t side) {
@@ -364,14 +378,8 @@ int64_t unet_forward_flops(const UnetOptions& o, int64_t image_size, int64_t bat
 }
 
 int64_t unet_activation_elements(const UnetOptions& o, int64_t image_size) {
-  o.validate();
-  const int64_t n = o.num_stages();
-  const int64_t init = o.resolved_init_dim();
-  const auto full = o.stage_full_attn();
-  const auto heads = o.stage_attn_heads();
-  const auto dim_head = o.stage_attn_dim_head();
-  std::vector<int64_t> dims{init};
-  for (auto m : o.dim_mults) dims.push_back(o.dim * m);
+  const auto [n, dims, full, heads, dim_head] = stage_shapes(o, image_size, "unet_activation_elements");
+  const int64_t init = dims.front();
   // Input, and per conv: its output, the norm's and the activation's (two convs), plus the residual.
   auto resnet = [](int64_t in, int64_t out, int64_t side) { return (in + 7 * out) * side * side; };
   auto attention = [&](bool is_full, int64_t d, int64_t h, int64_t dh, int64_t side) {

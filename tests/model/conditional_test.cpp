@@ -106,7 +106,7 @@ TEST(GoldenConditional, GuidedPredictionsAtSeveralScalesAndRescales) {
   const auto& g = cases();
   auto unet = golden_conditional_unet();
   torch::NoGradGuard no_grad;
-  auto settings = model::json::parse(g.str("cfg_guidance"));
+  auto settings = util::json::parse(g.str("cfg_guidance"));
   ASSERT_GE(settings.as_array().size(), 5u);
   int i = 0;
   for (const auto& s : settings.as_array()) {

@@ -49,6 +49,22 @@ TempDir* Safety::dir_ = nullptr;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
+/// Starts `command` in the background with its output in `log`; returns its PID.
+pid_t start_in_background(const std::string& command, const fs::path& log) {
+  FILE* shell = ::popen((command + " > " + log.string() + " 2>&1 & echo $!").c_str(), "r");
+  if (shell == nullptr) return -1;
+  char pid_text[32] = {};
+  const bool read = std::fgets(pid_text, sizeof(pid_text), shell) != nullptr;
+  ::pclose(shell);
+  return read ? static_cast<pid_t>(std::atol(pid_text)) : -1;
+}
+
+/// Waits up to 30 s for `ready` to hold.
+template <typename Predicate>
+void wait_for(Predicate ready) {
+  for (int i = 0; i < 300 && !ready(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
 std::string host() {
   char name[256] = {};
   ::gethostname(name, sizeof(name) - 1);
@@ -81,19 +97,13 @@ TEST_F(Safety, ASecondJobInTheSameRunDirectoryIsRefused) {
 
 TEST_F(Safety, TwoConcurrentTrainingsCannotShareARunDirectory) {
   auto run = path("concurrent");
-  auto first = train_command(run, "--set train.steps=100000 --set checkpoint.every=100000");
-  FILE* background = ::popen((first + " > " + path("first.log").string() + " 2>&1 & echo $!").c_str(), "r");
-  ASSERT_NE(background, nullptr);
-  char pid_text[32] = {};
-  ASSERT_NE(std::fgets(pid_text, sizeof(pid_text), background), nullptr);
-  ::pclose(background);
-  const pid_t first_pid = static_cast<pid_t>(std::atol(pid_text));
-  for (int i = 0; i < 300 && !fs::exists(run / "metrics.jsonl"); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  const pid_t first = start_in_background(
+      train_command(run, "--set train.steps=100000 --set checkpoint.every=100000"), path("first.log"));
+  ASSERT_GT(first, 0);
+  wait_for([&] { return fs::exists(run / "metrics.jsonl"); });
   auto second = train(run, "--set train.steps=5 --set train.seed=99");
-  ::kill(first_pid, SIGTERM);
-  for (int i = 0; i < 300 && ::kill(first_pid, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(first, SIGTERM);
+  wait_for([&] { return ::kill(first, 0) != 0; });
   EXPECT_NE(second.exit_code, 0) << second.output;
   EXPECT_TRUE(contains(second.output, "in use by another job")) << second.output;
   std::ifstream config(run / "config.yaml");
@@ -178,18 +188,13 @@ TEST_F(Safety, ImpossibleMemoryRequestsAreRefusedUpFront) {
 
 TEST_F(Safety, FirstCtrlCCheckpointsAndExits) {
   auto run = path("ctrl-c");
-  auto command = train_command(run, "--set train.steps=100000 --set checkpoint.every=100000 --set log.every=1");
-  FILE* background = ::popen((command + " > " + path("ctrl-c.log").string() + " 2>&1 & echo $!").c_str(), "r");
-  ASSERT_NE(background, nullptr);
-  char pid_text[32] = {};
-  ASSERT_NE(std::fgets(pid_text, sizeof(pid_text), background), nullptr);
-  ::pclose(background);
-  const pid_t pid = static_cast<pid_t>(std::atol(pid_text));
-  for (int i = 0; i < 300 && !(fs::exists(run / "metrics.jsonl") && fs::file_size(run / "metrics.jsonl") > 0); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  const pid_t pid = start_in_background(
+      train_command(run, "--set train.steps=100000 --set checkpoint.every=100000 --set log.every=1"),
+      path("ctrl-c.log"));
+  ASSERT_GT(pid, 0);
+  wait_for([&] { return fs::exists(run / "metrics.jsonl") && fs::file_size(run / "metrics.jsonl") > 0; });
   ::kill(pid, SIGINT);
-  for (int i = 0; i < 300 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  wait_for([&] { return ::kill(pid, 0) != 0; });
   std::ifstream log(path("ctrl-c.log"));
   std::string text((std::istreambuf_iterator<char>(log)), {});
   EXPECT_TRUE(contains(text, "stop signal received")) << text;

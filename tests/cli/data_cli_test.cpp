@@ -4,7 +4,7 @@
 #include "data/dataset.h"
 #include "data/image_io.h"
 #include "support.h"
-#include "trainer/commands.h"
+#include "app/commands.h"
 
 namespace diffuse::testing {
 namespace {
@@ -68,7 +68,7 @@ TEST(InspectDataset, PrintsTheShapeLabelsAndSavesAGrid) {
                             (dir / "s.h5").string());
   ASSERT_EQ(result.exit_code, 0) << result.output;
   ::testing::internal::CaptureStdout();
-  int code = trainer::inspect_dataset_command(dir / "s.h5", dir / "grid.png", 10);
+  int code = app::inspect_dataset_command(dir / "s.h5", dir / "grid.png", 10);
   std::fflush(stdout);
   std::string printed = ::testing::internal::GetCapturedStdout();
   EXPECT_EQ(code, 0);
@@ -81,7 +81,7 @@ TEST(InspectDataset, PrintsTheShapeLabelsAndSavesAGrid) {
   auto grid = data::load_image(dir / "grid.png");
   EXPECT_EQ(grid.sizes(), (std::vector<int64_t>{3 * 18 + 2, 4 * 18 + 2, 3}));
   EXPECT_TRUE(torch::equal(grid.narrow(0, 2, 16).narrow(1, 2, 16), data::read_images(dir / "s.h5", 0, 1)[0]));
-  EXPECT_THROW(trainer::inspect_dataset_command(dir / "grid.png", std::nullopt, 4), std::runtime_error);
+  EXPECT_THROW(app::inspect_dataset_command(dir / "grid.png", std::nullopt, 4), std::runtime_error);
 }
 
 }  // namespace
