@@ -496,7 +496,9 @@ void Trainer::State::sample_grid() {
   }
   auto gathered = comm->all_gather(images).reshape({-1, c, s, s}).narrow(0, 0, n).cpu();
   if (ctx.is_root()) {
-    data::save_image_grid(run.sample_grid(step), gathered, static_cast<int64_t>(std::ceil(std::sqrt(n))));
+    // A resumed run redraws the grids of the steps it repeats: its own files, replaced.
+    data::save_image_grid(run.sample_grid(step), gathered, static_cast<int64_t>(std::ceil(std::sqrt(n))),
+                          /*padding=*/2, /*overwrite=*/true);
     log::info("sample grid: {}", run.sample_grid(step).string());
   }
 }
@@ -668,7 +670,7 @@ int Trainer::run() {
     if (s.step == 0) {
       auto count = std::min<int64_t>(s.config.log.num_samples, s.loader->info().count);
       data::save_image_grid(s.run.samples() / "real.png", data::read_images(s.config.data.path, 0, count),
-                            static_cast<int64_t>(std::ceil(std::sqrt(count))));
+                            static_cast<int64_t>(std::ceil(std::sqrt(count))), /*padding=*/2, /*overwrite=*/true);
     }
   }
 
