@@ -21,6 +21,7 @@
 #include "trainer/progress.h"
 #include "trainer/sampling.h"
 #include "trainer/trainer.h"
+#include "util/durable_file.h"
 
 namespace diffuse::app {
 namespace {
@@ -38,7 +39,12 @@ struct SampleArgs {
   std::string ckpt, sampler = "ddim", out, out_dir, out_h5, weights = "ema", device = "auto";
   int64_t n = 64, steps = 50, seed = 0, batch = 16;
   double eta = 0.0;
+  bool overwrite = false;
 };
+
+std::filesystem::path sample_file(const std::string& dir, int64_t index) {
+  return std::filesystem::path(dir) / fmt::format("sample-{:06d}.png", index);
+}
 
 /// Checks the outputs before any sampling: a run of hours must not end in "cannot write".
 void check_sample_outputs(const SampleArgs& args) {
@@ -54,6 +60,11 @@ void check_sample_outputs(const SampleArgs& args) {
   }
   if (!args.out_dir.empty() && fs::exists(args.out_dir) && !fs::is_directory(args.out_dir)) {
     throw std::invalid_argument("--out-dir " + args.out_dir + " exists and is not a directory");
+  }
+  if (!args.out.empty()) util::check_destination(args.out, args.overwrite);
+  if (!args.out_h5.empty()) util::check_destination(args.out_h5, args.overwrite);
+  if (!args.out_dir.empty() && fs::is_directory(args.out_dir)) {
+    for (int64_t i = 0; i < args.n; ++i) util::check_destination(sample_file(args.out_dir, i), args.overwrite);
   }
 }
 
@@ -81,7 +92,8 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   progress.finish();
   if (ctx.is_root()) {
     if (!args.out.empty()) {
-      data::save_image_grid(args.out, all, static_cast<int64_t>(std::ceil(std::sqrt(args.n))));
+      data::save_image_grid(args.out, all, static_cast<int64_t>(std::ceil(std::sqrt(args.n))), /*padding=*/2,
+                            args.overwrite);
       std::cout << "wrote " << args.out << " (" << args.n << " images, " << loaded.weights << " weights, step "
                 << loaded.step << ")\n";
     }
@@ -89,14 +101,15 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
     if (!args.out_dir.empty()) {
       std::filesystem::create_directories(args.out_dir);
       for (int64_t i = 0; i < args.n; ++i) {
-        data::save_png(std::filesystem::path(args.out_dir) / fmt::format("sample-{:06d}.png", i), hwc[i]);
+        data::save_png(sample_file(args.out_dir, i), hwc[i], args.overwrite);
       }
       std::cout << "wrote " << args.n << " PNGs to " << args.out_dir << "\n";
     }
     if (!args.out_h5.empty()) {
       data::write_hdf5_tensors(args.out_h5, {{"images", hwc}},
                                {{"step", std::to_string(loaded.step)}, {"weights", loaded.weights},
-                                {"sampler", args.sampler}, {"steps", std::to_string(args.steps)}});
+                                {"sampler", args.sampler}, {"steps", std::to_string(args.steps)}},
+                               args.overwrite);
       std::cout << "wrote " << args.out_h5 << " (images: uint8 [" << args.n << ", " << s << ", " << s << ", " << c
                 << "])\n";
     }
@@ -104,7 +117,8 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   return 0;
 }
 
-int run_export(const std::string& ckpt, const std::string& out, const std::string& weights) {
+int run_export(const std::string& ckpt, const std::string& out, const std::string& weights, bool overwrite) {
+  util::check_destination(out, overwrite);  // before the checkpoint is read
   auto loaded = trainer::load_model(ckpt, weights, torch::kCPU);
   for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
   std::map<std::string, std::string> metadata{
@@ -114,7 +128,7 @@ int run_export(const std::string& ckpt, const std::string& out, const std::strin
       {"step", std::to_string(loaded.step)},
       {"weights", loaded.weights},
   };
-  model::save_safetensors(out, model::state_dict(*loaded.diffusion->model), metadata);
+  model::save_safetensors(out, model::state_dict(*loaded.diffusion->model), metadata, overwrite);
   std::cout << "wrote " << out << " (U-Net state dict, " << loaded.weights << " weights, step " << loaded.step
             << "); in Python: Unet(...).load_state_dict(safetensors.torch.load_file('" << out << "'))\n";
   return 0;
@@ -231,6 +245,7 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--out", args->out, "Write one grid PNG");
   cmd->add_option("--out-dir", args->out_dir, "Write one PNG per image into this folder");
   cmd->add_option("--out-h5", args->out_h5, "Write an HDF5 file with images uint8 [N,H,W,C]");
+  cmd->add_flag("--overwrite", args->overwrite, "Replace existing output files (never anything but regular files)");
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_sample(ctx, *args); }; });
 }
 
@@ -238,12 +253,14 @@ void add_export_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("export", "Export U-Net weights as safetensors, loadable by denoising-diffusion-pytorch");
   auto ckpt = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
        weights = std::make_shared<std::string>("ema");
+  auto overwrite = std::make_shared<bool>(false);
   cmd->add_option("--ckpt", *ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
   cmd->add_option("--out", *out, "Output .safetensors file")->required();
   cmd->add_option("--weights", *weights, "ema (first rate), an EMA rate like 0.9999, or online");
-  cmd->callback([&action, ckpt, out, weights] {
-    action = [ckpt, out, weights](const dist::Context& ctx) {
-      return ctx.is_root() ? run_export(*ckpt, *out, *weights) : 0;
+  cmd->add_flag("--overwrite", *overwrite, "Replace an existing output file (never anything but a regular file)");
+  cmd->callback([&action, ckpt, out, weights, overwrite] {
+    action = [ckpt, out, weights, overwrite](const dist::Context& ctx) {
+      return ctx.is_root() ? run_export(*ckpt, *out, *weights, *overwrite) : 0;
     };
   });
 }
@@ -265,13 +282,14 @@ void add_inspect_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("inspect", "Summarise a dataset file or a checkpoint directory");
   auto path = std::make_shared<std::string>(), grid = std::make_shared<std::string>();
   auto k = std::make_shared<int64_t>(64);
-  auto no_verify = std::make_shared<bool>(false);
+  auto no_verify = std::make_shared<bool>(false), overwrite = std::make_shared<bool>(false);
   cmd->add_option("path", *path, "FILE.h5 (dataset) or a checkpoint directory")->required();
+  cmd->add_flag("--overwrite", *overwrite, "Dataset: replace an existing --grid file");
   cmd->add_option("--grid", *grid, "Dataset: write a PNG grid of the first k images");
   cmd->add_option("--k", *k, "Dataset: images in the grid")->check(positive_integer());
   cmd->add_flag("--no-verify", *no_verify, "Checkpoint: skip the SHA-256 check of the shards");
-  cmd->callback([&action, path, grid, k, no_verify] {
-    action = [path, grid, k, no_verify](const dist::Context& ctx) {
+  cmd->callback([&action, path, grid, k, no_verify, overwrite] {
+    action = [path, grid, k, no_verify, overwrite](const dist::Context& ctx) {
       if (!ctx.is_root()) return 0;
       if (std::filesystem::is_directory(*path)) {
         auto summary = trainer::describe_checkpoint(*path, !*no_verify);
@@ -280,7 +298,7 @@ void add_inspect_command(CLI::App& app, CommandAction& action) {
       }
       std::optional<std::filesystem::path> grid_path;
       if (!grid->empty()) grid_path = *grid;
-      return inspect_dataset_command(*path, grid_path, *k);
+      return inspect_dataset_command(*path, grid_path, *k, *overwrite);
     };
   });
 }

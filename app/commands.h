@@ -27,13 +27,14 @@ void add_export_command(CLI::App& app, CommandAction& action);
 void add_eval_command(CLI::App& app, CommandAction& action);
 /// `inspect PATH`: a dataset file (data) or a checkpoint directory.
 void add_inspect_command(CLI::App& app, CommandAction& action);
-/// `diffuse prep`: converts images into a dataset file (trainer/data_commands.cpp, data/prep.h).
+/// `diffuse prep`: converts images into a dataset file (app/data_commands.cpp, data/prep.h).
 void add_prep_command(CLI::App& app, CommandAction& action);
 
 /// The dataset part of `diffuse inspect FILE.h5`: prints count, shape, dtype, chunking,
 /// compression and the label histogram to stdout and, with `grid`, saves the first k images as
-/// a PNG grid. Throws naming the file when it is not a valid dataset; returns the exit code.
+/// a PNG grid (an existing grid file is replaced only with `overwrite`). Throws naming the file
+/// when it is not a valid dataset; returns the exit code.
 int inspect_dataset_command(const std::filesystem::path& file, const std::optional<std::filesystem::path>& grid,
-                            int64_t k);
+                            int64_t k, bool overwrite = false);
 
 }  // namespace diffuse::app

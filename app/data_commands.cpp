@@ -118,6 +118,8 @@ int run_prep(const dist::Context& ctx, const PrepArguments& arguments) {
     report = data::prep_dataset(options);
   }
   for (const auto& bad : report.skipped_bad) log::warn("skipped unreadable input {}: {}", bad.path.string(), bad.reason);
+  for (const auto& entry : report.skipped_entries) log::warn("skipped {}: {}", entry.path.string(), entry.reason);
+  for (const auto& stale : report.removed_stale) log::info("removed {}, left by a prep that was killed", stale.string());
   std::error_code error;
   const auto file_bytes = fs::file_size(report.output, error);
   log::info("wrote {}: {} images of {}x{}x{} (H x W x C){}{}, {}, in {} ({} images/s)", report.output.string(),
@@ -170,7 +172,7 @@ void add_prep_command(CLI::App& app, CommandAction& action) {
   });
 }
 
-int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>& grid, int64_t k) {
+int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>& grid, int64_t k, bool overwrite) {
   const data::DatasetInfo info = data::read_dataset_info(file);
   std::error_code error;
   const auto file_bytes = fs::file_size(file, error);
@@ -207,7 +209,7 @@ int inspect_dataset_command(const fs::path& file, const std::optional<fs::path>&
   if (grid) {
     const int64_t n = std::clamp<int64_t>(k, 1, info.count);
     const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n))));
-    data::save_image_grid(*grid, data::read_images(file, 0, n), nrow);
+    data::save_image_grid(*grid, data::read_images(file, 0, n), nrow, /*padding=*/2, overwrite);
     row("grid", fmt::format("{}: the first {} images, {} per row", grid->string(), n, nrow));
   }
   return 0;

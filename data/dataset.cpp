@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "data/impl/hdf5.h"
+#include "util/durable_file.h"
 
 namespace diffuse::data {
 namespace fs = std::filesystem;
@@ -355,7 +356,7 @@ void DatasetWriter::finish() {
     check(H5Fflush(d.file.get(), H5F_SCOPE_GLOBAL), d.where() + ": flushing");
     if (H5Fclose(d.file.release()) < 0) impl::throw_error(d.where() + ": closing");
   }
-  impl::fsync_file(d.path);
+  util::fsync_path(d.path);
   d.finished = true;
 }
 

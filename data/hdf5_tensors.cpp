@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "data/impl/hdf5.h"
+#include "util/durable_file.h"
 
 namespace diffuse::data {
 namespace fs = std::filesystem;
@@ -113,7 +114,7 @@ std::pair<torch::ScalarType, Handle> stored_dtype(hid_t dataset, hid_t type, con
 }  // namespace
 
 void write_hdf5_tensors(const fs::path& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                        const std::map<std::string, std::string>& attributes) {
+                        const std::map<std::string, std::string>& attributes, bool overwrite) {
   const std::string where = std::string(1, '\'') + path.string() + "'";
   std::set<std::string> seen;
   for (const auto& [name, tensor] : tensors) {
@@ -127,11 +128,13 @@ void write_hdf5_tensors(const fs::path& path, const std::vector<std::pair<std::s
     if (!tensor.defined()) throw std::invalid_argument("writing " + where + ": tensor '" + name + "' is undefined");
   }
 
+  util::AtomicFile output(path, overwrite);
   impl::Hdf5Lock lock;
   // Track creation order so a reader gets the tensors back in the order they were given.
   Handle create(H5Pcreate(H5P_FILE_CREATE));
   check(H5Pset_link_creation_order(create.get(), H5P_CRT_ORDER_TRACKED | H5P_CRT_ORDER_INDEXED), where);
-  Handle file(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, create.get(), H5P_DEFAULT), "cannot create " + where));
+  Handle file(check_id(H5Fcreate(output.temporary().c_str(), H5F_ACC_TRUNC, create.get(), H5P_DEFAULT),
+                       "cannot create " + where));
   for (const auto& [name, tensor] : tensors) {
     const std::string what = "writing " + describe(name, tensor) + " to " + where;
     auto types = element_types(tensor.scalar_type(), what);
@@ -154,7 +157,7 @@ void write_hdf5_tensors(const fs::path& path, const std::vector<std::pair<std::s
   }
   check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), "flushing " + where);
   if (H5Fclose(file.release()) < 0) impl::throw_error("closing " + where);
-  impl::fsync_file(path);
+  output.commit();
 }
 
 const torch::Tensor& Hdf5Tensors::at(const std::string& name) const {

@@ -22,13 +22,14 @@
 
 namespace diffuse::data {
 
-/// Writes `tensors` (any device; copied to the CPU) and root string attributes to `path`
-/// (truncating it), then fsyncs it. Writes to `path` directly: the caller makes it atomic (temp
-/// name + rename). Throws naming the file, and the tensor when one fails (e.g. disk full).
-/// Names must be unique, non-empty, without '/'.
+/// Writes `tensors` (any device; copied to the CPU) and root string attributes to `path`:
+/// under a temporary name beside it, fsynced, then renamed (util::AtomicFile), so `path` is
+/// either complete or untouched. An existing regular file is replaced only with `overwrite`;
+/// a device node, folder or FIFO never. Throws naming the file, and the tensor when one fails
+/// (e.g. disk full); the temporary is then removed. Names must be unique, non-empty, without '/'.
 void write_hdf5_tensors(const std::filesystem::path& path,
                         const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                        const std::map<std::string, std::string>& attributes = {});
+                        const std::map<std::string, std::string>& attributes = {}, bool overwrite = false);
 
 /// The contents of a named-tensor file.
 struct Hdf5Tensors {

@@ -62,22 +62,23 @@ torch::Tensor make_image_grid(const torch::Tensor& images, int64_t nrow, int64_t
   return grid;
 }
 
-void save_image_grid(const fs::path& path, const torch::Tensor& images, int64_t nrow, int64_t padding) {
-  save_png(path, make_image_grid(images, nrow, padding));
+void save_image_grid(const fs::path& path, const torch::Tensor& images, int64_t nrow, int64_t padding,
+                     bool overwrite) {
+  save_png(path, make_image_grid(images, nrow, padding), overwrite);
 }
 
-void save_png(const fs::path& path, const torch::Tensor& image_hwc_uint8) {
+void save_png(const fs::path& path, const torch::Tensor& image_hwc_uint8, bool overwrite) {
   auto [data, view] = hwc_view(image_hwc_uint8, "save_png '" + path.string() + "'");
   auto png = path;
   if (png.extension() != ".png" && png.extension() != ".PNG") {
     throw std::invalid_argument("save_png: '" + path.string() + "' must end in .png");
   }
-  impl::encode_image_file(png, view);
+  impl::encode_image_file(png, view, /*jpeg_quality=*/95, overwrite);
 }
 
-void save_image(const fs::path& path, const torch::Tensor& image_hwc_uint8, int jpeg_quality) {
+void save_image(const fs::path& path, const torch::Tensor& image_hwc_uint8, int jpeg_quality, bool overwrite) {
   auto [data, view] = hwc_view(image_hwc_uint8, "save_image '" + path.string() + "'");
-  impl::encode_image_file(path, view, jpeg_quality);
+  impl::encode_image_file(path, view, jpeg_quality, overwrite);
 }
 
 torch::Tensor load_image(const fs::path& path) { return to_tensor(impl::decode_image_file(path)); }

@@ -17,15 +17,20 @@ namespace diffuse::data {
 /// Returns [rows * (H + padding) + padding, nrow * (W + padding) + padding, C] uint8.
 torch::Tensor make_image_grid(const torch::Tensor& images, int64_t nrow, int64_t padding = 2);
 
+// Every save below writes a temporary beside `path`, checks each write, fsyncs and renames
+// (util/durable_file.h): a full disk is an exception naming the file, never a truncated image. An
+// existing file is replaced only with `overwrite`, and never a device, folder or FIFO.
+
 /// Saves make_image_grid(images, nrow, padding) as a PNG.
 void save_image_grid(const std::filesystem::path& path, const torch::Tensor& images, int64_t nrow,
-                     int64_t padding = 2);
+                     int64_t padding = 2, bool overwrite = false);
 
 /// Saves one image [H, W, C] uint8 (C = 1, 2, 3 or 4) as a PNG.
-void save_png(const std::filesystem::path& path, const torch::Tensor& image_hwc_uint8);
+void save_png(const std::filesystem::path& path, const torch::Tensor& image_hwc_uint8, bool overwrite = false);
 
 /// Saves one image [H, W, C] uint8 as PNG, JPEG or BMP, chosen by the file extension.
-void save_image(const std::filesystem::path& path, const torch::Tensor& image_hwc_uint8, int jpeg_quality = 95);
+void save_image(const std::filesystem::path& path, const torch::Tensor& image_hwc_uint8, int jpeg_quality = 95,
+                bool overwrite = false);
 
 /// Decodes a PNG, JPEG or BMP file to [H, W, C] uint8 with the file's own channel count (1-4).
 /// Throws naming the file and the reason.

@@ -2,13 +2,17 @@
 // that decodes blocks in parallel, writes them in order, and publishes the file atomically.
 #include "data/prep.h"
 
-#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -18,6 +22,8 @@
 #include "data/impl/hdf5.h"
 #include "data/impl/pixels.h"
 #include "data/synthetic.h"
+#include "util/durable_file.h"
+#include "util/remove_on_signal.h"
 
 namespace diffuse::data {
 namespace fs = std::filesystem;
@@ -75,7 +81,8 @@ class Source {
   bool has_labels = false;
   std::vector<std::string> class_names;
   std::string description;
-  std::vector<BadInput> bad;  // inputs dropped before the main pass
+  std::vector<BadInput> bad;              // inputs dropped before the main pass
+  std::vector<BadInput> skipped_entries;  // folder entries not searched (links, unreadable folders)
 };
 
 // --- folders of images -----------------------------------------------------------------------
@@ -85,33 +92,121 @@ bool is_image_file(const fs::path& path) {
   return extension == ".png" || extension == ".jpg" || extension == ".jpeg" || extension == ".bmp";
 }
 
-std::vector<fs::path> find_images(const fs::path& root) {
-  std::vector<fs::path> files;
-  std::error_code error;
-  fs::recursive_directory_iterator it(root, fs::directory_options::skip_permission_denied, error), end;
-  if (error) throw std::runtime_error("cannot list folder " + quoted(root) + ": " + error.message());
-  for (; it != end; it.increment(error)) {
-    if (error) throw std::runtime_error("cannot list folder " + quoted(root) + ": " + error.message());
-    const std::string name = it->path().filename().string();
-    if (!name.empty() && name[0] == '.') {  // hidden files and folders (.git, macOS ._ files)
-      if (it->is_directory(error)) it.disable_recursion_pending();
-      continue;
+// The images under a folder, and the entries the search left out with the reason.
+struct FolderWalk {
+  std::vector<fs::path> images;
+  std::vector<BadInput> skipped;
+};
+
+// A folder's identity: two paths (through links) to one folder have the same.
+using FolderId = std::pair<dev_t, ino_t>;
+
+// Breadth first, so of two paths to one folder the shallower one counts (then the first by name).
+class FolderWalker {
+ public:
+  explicit FolderWalker(const fs::path& root) : root_(root) {}
+
+  FolderWalk walk() {
+    struct stat info {};
+    if (::stat(root_.c_str(), &info) != 0) {
+      throw std::runtime_error("cannot list folder " + quoted(root_) + ": " + std::strerror(errno));
     }
-    if (it->is_regular_file(error) && is_image_file(it->path())) files.push_back(it->path());
+    const FolderId root_id{info.st_dev, info.st_ino};
+    seen_[root_id] = root_;
+    std::deque<Pending> queue{{root_, {root_id}}};
+    while (!queue.empty()) {
+      Pending folder = std::move(queue.front());
+      queue.pop_front();
+      visit(folder, queue);
+    }
+    std::sort(result_.images.begin(), result_.images.end(), [&](const fs::path& a, const fs::path& b) {
+      return a.lexically_relative(root_).generic_string() < b.lexically_relative(root_).generic_string();
+    });
+    return std::move(result_);
   }
-  std::sort(files.begin(), files.end(), [&](const fs::path& a, const fs::path& b) {
-    return a.lexically_relative(root).generic_string() < b.lexically_relative(root).generic_string();
-  });
-  return files;
+
+ private:
+  struct Pending {
+    fs::path path;
+    std::vector<FolderId> ancestors;  // root first, this folder last
+  };
+
+  // One folder's entries in name order.
+  std::vector<fs::path> entries(const fs::path& folder) {
+    std::vector<fs::path> names;
+    std::error_code error;
+    fs::directory_iterator it(folder, error), end;
+    for (; !error && it != end; it.increment(error)) names.push_back(it->path());
+    if (error) {
+      if (folder == root_) throw std::runtime_error("cannot list folder " + quoted(root_) + ": " + error.message());
+      result_.skipped.push_back({folder, "cannot list this folder: " + error.message()});
+      return {};
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  void visit(const Pending& folder, std::deque<Pending>& queue) {
+    for (const fs::path& path : entries(folder.path)) {
+      const std::string name = path.filename().string();
+      if (!name.empty() && name[0] == '.') continue;  // hidden files and folders (.git, macOS ._ files)
+      struct stat entry {}, target {};
+      if (::lstat(path.c_str(), &entry) != 0) continue;  // vanished while listing
+      const bool is_link = S_ISLNK(entry.st_mode);
+      if (is_link && ::stat(path.c_str(), &target) != 0) {
+        const int code = errno;
+        std::error_code ignored;
+        const std::string points_to = fs::read_symlink(path, ignored).string();
+        result_.skipped.push_back(
+            {path, code == ELOOP    ? "symbolic link loop: '" + points_to + "' never resolves to a file or folder"
+                   : code == ENOENT ? "dangling symbolic link to '" + points_to + "'"
+                                    : "symbolic link to '" + points_to + "': " + std::strerror(code)});
+        continue;
+      }
+      if (!is_link) target = entry;
+      if (S_ISDIR(target.st_mode)) {
+        const FolderId id{target.st_dev, target.st_ino};
+        if (auto earlier = seen_.find(id); earlier != seen_.end()) {
+          const bool loop = std::find(folder.ancestors.begin(), folder.ancestors.end(), id) != folder.ancestors.end();
+          result_.skipped.push_back({path, loop ? "symbolic link loop: leads back to " + quoted(earlier->second)
+                                                : "same folder as " + quoted(earlier->second) + ", already searched"});
+          continue;
+        }
+        seen_[id] = path;
+        Pending child{path, folder.ancestors};
+        child.ancestors.push_back(id);
+        queue.push_back(std::move(child));
+      } else if (S_ISREG(target.st_mode) && is_image_file(path)) {
+        result_.images.push_back(path);
+      }
+    }
+  }
+
+  fs::path root_;
+  FolderWalk result_;
+  std::map<FolderId, fs::path> seen_;  // every folder queued, by the path it was first reached by
+};
+
+// "; skipped N entries, e.g. 'PATH': REASON", or "" when nothing was skipped.
+std::string skipped_summary(const std::vector<BadInput>& skipped) {
+  if (skipped.empty()) return "";
+  return "; skipped " + std::to_string(skipped.size()) + (skipped.size() == 1 ? " entry: " : " entries, e.g. ") +
+         quoted(skipped.front().path) + ": " + skipped.front().reason;
 }
+
+// Searches `root` recursively, following links to folders and files; hidden entries are left out
+// silently, dangling links, link loops, a folder reached twice and unreadable folders are
+// reported in `skipped`.
+FolderWalk walk_folder(const fs::path& root) { return FolderWalker(root).walk(); }
 
 class FolderSource final : public Source {
  public:
-  FolderSource(const fs::path& root, const PrepOptions& options, int threads) {
-    std::vector<fs::path> found = find_images(root);
+  FolderSource(const fs::path& root, FolderWalk walk, const PrepOptions& options, int threads) {
+    std::vector<fs::path> found = std::move(walk.images);
+    skipped_entries = std::move(walk.skipped);
     if (found.empty()) {
       throw std::runtime_error("no images under " + quoted(root) + " (looked for .png, .jpg, .jpeg and .bmp files, "
-                               "recursively)");
+                               "recursively" + skipped_summary(skipped_entries) + ")");
     }
     // Headers first: the output geometry must be known before writing, and unreadable files
     // are found without decoding anything.
@@ -313,8 +408,8 @@ class IdxSource final : public Source {
 
 constexpr int64_t kCifarRecord = 1 + 3 * 32 * 32;  // label byte, then R, G, B planes of 32x32
 
-std::vector<fs::path> cifar_files(const fs::path& input) {
-  if (!fs::is_directory(input)) return {input};
+// The data_batch_N.bin files of a folder, in N order (none: empty).
+std::vector<fs::path> cifar_batches(const fs::path& input) {
   std::vector<std::pair<int, fs::path>> numbered;
   for (const auto& entry : fs::directory_iterator(input)) {
     const std::string name = entry.path().filename().string();
@@ -323,13 +418,21 @@ std::vector<fs::path> cifar_files(const fs::path& input) {
       numbered.emplace_back(number, entry.path());
     }
   }
-  if (numbered.empty()) {
-    throw std::runtime_error("no images under " + quoted(input) +
-                             " (no .png/.jpg/.jpeg/.bmp files and no CIFAR-10 data_batch_N.bin files)");
-  }
   std::sort(numbered.begin(), numbered.end());
   std::vector<fs::path> files;
   for (auto& [number, path] : numbered) files.push_back(path);
+  return files;
+}
+
+std::string no_images_message(const fs::path& input, const std::vector<BadInput>& skipped) {
+  return "no images under " + quoted(input) + " (no .png/.jpg/.jpeg/.bmp files and no CIFAR-10 data_batch_N.bin files" +
+         skipped_summary(skipped) + ")";
+}
+
+std::vector<fs::path> cifar_files(const fs::path& input) {
+  if (!fs::is_directory(input)) return {input};
+  std::vector<fs::path> files = cifar_batches(input);
+  if (files.empty()) throw std::runtime_error(no_images_message(input, {}));
   return files;
 }
 
@@ -433,14 +536,8 @@ class SyntheticSource final : public Source {
 
 // --- choosing the source ---------------------------------------------------------------------
 
+// The format of a file input (folders are told apart by what walk_folder finds).
 std::string detect_format(const fs::path& input) {
-  if (fs::is_directory(input)) {
-    fs::recursive_directory_iterator it(input, fs::directory_options::skip_permission_denied), end;
-    for (; it != end; ++it) {
-      if (it->is_regular_file() && is_image_file(it->path())) return "folder";
-    }
-    return "cifar10";  // or an empty folder: cifar_files() says "no images"
-  }
   const std::string name = lower(input.filename().string());
   if (name.size() >= 4 && name.substr(name.size() - 4) == ".bin") return "cifar10";
   if (name.find("idx") != std::string::npos || name.find("ubyte") != std::string::npos) return "idx";
@@ -462,10 +559,23 @@ std::unique_ptr<Source> make_source(const PrepOptions& options, int threads) {
   }
   if (options.input.empty()) throw std::invalid_argument("no input given (a folder, idx file, CIFAR-10 batch, or --synthetic NAME)");
   if (!fs::exists(options.input)) throw std::runtime_error("input " + quoted(options.input) + " does not exist");
-  std::string format = options.format == "auto" ? detect_format(options.input) : options.format;
+  std::string format = options.format;
+  std::optional<FolderWalk> walk;
+  if ((format == "auto" || format == "folder") && fs::is_directory(options.input)) {
+    walk = walk_folder(options.input);
+    // A folder without images may hold CIFAR-10 batches.
+    if (format == "auto" && walk->images.empty()) {
+      if (cifar_batches(options.input).empty()) throw std::runtime_error(no_images_message(options.input, walk->skipped));
+      format = "cifar10";
+    } else if (format == "auto") {
+      format = "folder";
+    }
+  } else if (format == "auto") {
+    format = detect_format(options.input);
+  }
   if (format == "folder") {
-    if (!fs::is_directory(options.input)) throw std::runtime_error("input " + quoted(options.input) + " is not a folder");
-    return std::make_unique<FolderSource>(options.input, options, threads);
+    if (!walk) throw std::runtime_error("input " + quoted(options.input) + " is not a folder");
+    return std::make_unique<FolderSource>(options.input, std::move(*walk), options, threads);
   }
   if (format == "idx") return std::make_unique<IdxSource>(options.input, options);
   if (format == "cifar10") return std::make_unique<CifarSource>(options.input, options);
@@ -485,9 +595,9 @@ void validate(const PrepOptions& options) {
   if (fs::is_directory(options.output, error)) {
     throw std::invalid_argument("output " + quoted(options.output) + " is a folder; give a file name (e.g. data.h5)");
   }
-  if (fs::exists(options.output, error) && !options.overwrite) {
-    throw std::runtime_error("output " + quoted(options.output) + " already exists (pass --overwrite to replace it)");
-  }
+  // Before any work: an existing output without --overwrite, or a device node, FIFO, ... (which
+  // the final rename would replace) stop the run now, not after the conversion.
+  util::check_destination(options.output, options.overwrite);
 }
 
 }  // namespace
@@ -507,15 +617,22 @@ PrepReport prep_dataset(const PrepOptions& options) {
   report.has_labels = source->has_labels;
   report.class_names = source->class_names;
   report.skipped_bad = source->bad;
+  report.skipped_entries = source->skipped_entries;
 
   if (!options.output.parent_path().empty()) fs::create_directories(options.output.parent_path());
-  const fs::path temporary = options.output.string() + ".incomplete-" + std::to_string(::getpid());
-  try {
+  // Runs killed without a chance to clean up (SIGKILL, a crash, a lost node) left their
+  // OUTPUT.incomplete-PID behind: remove those of processes that are gone.
+  report.removed_stale = util::remove_stale_temporaries(options.output, ".incomplete-");
+  // Ctrl-C or a kill while converting removes the partial file (hundreds of MB) before exiting;
+  // armed before the file exists, so no moment is left when a signal would leave it behind.
+  util::RemoveOnSignal remove_on_signal(util::AtomicFile::temporary_for(options.output, ".incomplete-"));
+  util::AtomicFile output(options.output, options.overwrite, ".incomplete-");
+  {
     DatasetWriteOptions write_options;
     write_options.source = source->description;
     write_options.compression = options.compression;
     write_options.class_names = source->class_names;
-    DatasetWriter writer(temporary, source->total, source->height, source->width, source->channels,
+    DatasetWriter writer(output.temporary(), source->total, source->height, source->width, source->channels,
                          source->has_labels, write_options);
     // Blocks of whole chunks, large enough to keep every thread busy.
     const int64_t chunk_rows = dataset_chunk_shape(source->total, source->height, source->width, source->channels,
@@ -564,17 +681,8 @@ PrepReport prep_dataset(const PrepOptions& options) {
     }
     writer.finish();
     report.written = writer.written();
-  } catch (...) {
-    std::error_code ignored;
-    fs::remove(temporary, ignored);
-    throw;
   }
-  fs::rename(temporary, options.output);
-  // Make the rename itself durable.
-  if (int fd = ::open(fs::absolute(options.output).parent_path().c_str(), O_RDONLY | O_DIRECTORY); fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
+  output.commit();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   return report;
 }

@@ -8,15 +8,20 @@
 //
 // Inputs (`format` "auto" recognises each):
 // - a folder of PNG/JPEG/BMP images, searched recursively in sorted path order (hidden files
-//   and folders skipped); with labels_from_folders, the label is the index of the image's
-//   top-level sub-folder among the sorted sub-folder names (as torchvision's ImageFolder);
+//   and folders skipped), following symbolic links to folders and files; dangling links, link
+//   loops, a folder reached twice through links and unreadable folders are left out and listed
+//   in PrepReport::skipped_entries; with labels_from_folders, the label is the index of the
+//   image's top-level sub-folder among the sorted sub-folder names (as torchvision's ImageFolder);
 // - MNIST / Fashion-MNIST idx image files, gzipped or not, with labels from `labels` or the
 //   sibling "...-labels-idx1-ubyte[.gz]" when it exists;
 // - CIFAR-10 binary batches: one data_batch_N.bin / test_batch.bin file, or a folder holding
 //   data_batch_1..5.bin (the training set, in order);
 // - a built-in synthetic dataset (`synthetic` = "shapes", `count` images).
-// The output is written under a temporary name beside it, synced, and renamed at the end, so an
-// interrupted run never leaves a file that looks complete.
+// The output is written as OUTPUT.incomplete-PID beside it, synced, and renamed at the end, so an
+// interrupted run never leaves a file that looks complete. SIGINT, SIGTERM and SIGHUP remove
+// that file before the process ends; the next prep to the same output removes those of
+// processes that are gone (killed with SIGKILL, crashed). An existing output is replaced only
+// with `overwrite`, and never when it is not a regular file (a device node, FIFO, ...).
 #pragma once
 
 #include <cstdint>
@@ -68,6 +73,11 @@ struct PrepReport {
   bool has_labels = false;
   std::vector<std::string> class_names;
   std::vector<BadInput> skipped_bad;  ///< with skip_bad: the inputs left out
+  /// Folder entries not searched: dangling links, link loops, folders reached twice, unreadable
+  /// folders (the caller reports them; data/ never prints).
+  std::vector<BadInput> skipped_entries;
+  /// OUTPUT.incomplete-PID files of dead processes that this run removed.
+  std::vector<std::filesystem::path> removed_stale;
   double seconds = 0;
 };
 

@@ -27,7 +27,8 @@ say "training configs/demo.yaml on $ranks MPI ranks (CPU) into $run"
 diffuse_mpirun "$ranks" "$DIFFUSE_EXE" train -c configs/demo.yaml --set "data.path=$data" \
   --run-dir "$run" --resume latest "${extra[@]}"
 say "sampling 36 images from the EMA weights"
+# sample never replaces an existing file unasked; a rerun of the demo redraws its own grid.
 diffuse_mpirun "$ranks" "$DIFFUSE_EXE" sample --ckpt "$run/checkpoints/latest" --n 36 --steps 50 --seed 0 \
-  --out "$run/samples/final.png"
+  --out "$run/samples/final.png" --overwrite
 say "done. Samples: $run/samples/final.png (training images for comparison: $run/samples/real.png);"
 say "grids during training: $run/samples/step-*.png; checkpoints: $run/checkpoints/; metrics: $run/metrics.jsonl"

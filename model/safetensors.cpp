@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "util/durable_file.h"
 #include "util/format.h"
 #include "util/json.h"
 
@@ -72,7 +73,7 @@ std::string safetensors_dtype_name(torch::ScalarType dtype) {
 
 void save_safetensors(const std::filesystem::path& path,
                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+                      const std::map<std::string, std::string>& metadata, bool overwrite) {
   auto fail = [&](const std::string& what) {
     throw std::runtime_error("save_safetensors(" + path.string() + "): " + what);
   };
@@ -112,27 +113,15 @@ void save_safetensors(const std::filesystem::path& path,
   // Pad with spaces so the data starts 8-byte aligned, as the reference implementation does.
   header.append((8 - header.size() % 8) % 8, ' ');
 
-  const auto tmp = path.string() + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot open " + tmp + " for writing");
-    const uint64_t n = header.size();
-    out.write(reinterpret_cast<const char*>(&n), sizeof(n));
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    for (const auto& t : data) out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-    out.close();
-    if (!out) {
-      ::unlink(tmp.c_str());
-      fail("write to " + tmp + " failed (disk full?)");
-    }
-  }
-  // POSIX calls rather than std::filesystem: libtorch.so exports its own (newer) copy of the
-  // std::filesystem operations, and which copy a binary binds to depends on its link order.
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    fail("cannot rename " + tmp + " into place: " + reason);
-  }
+  // Checked writes to a temporary beside the file, fsynced and renamed: a full disk or a killed
+  // export never leaves a truncated file under the final name, and nothing but a regular file
+  // (with overwrite) is ever replaced.
+  util::AtomicFile file(path, overwrite);
+  const uint64_t n = header.size();
+  file.write(&n, sizeof(n));
+  file.write(header.data(), header.size());
+  for (const auto& t : data) file.write(t.data_ptr(), t.nbytes());
+  file.commit();
 }
 
 SafetensorsFile load_safetensors(const std::filesystem::path& path) {

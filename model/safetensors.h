@@ -32,12 +32,13 @@ struct SafetensorsFile {
 inline constexpr uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 
 /// Writes `tensors` (any device, any layout; stored contiguous, in the given order, 8-byte aligned
-/// data) and `metadata`. Writes to a temporary file beside `path` and renames it into place, so a
+/// data) and `metadata`. An existing `path` is replaced only with `overwrite` (and never when it is
+/// not a regular file). Writes to a temporary file beside `path` and renames it into place, so a
 /// crash never leaves a half-written file under the final name. Throws std::runtime_error on I/O
 /// errors, duplicate or empty names, or a dtype safetensors cannot represent.
 void save_safetensors(const std::filesystem::path& path,
                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+                      const std::map<std::string, std::string>& metadata = {}, bool overwrite = false);
 
 /// Reads a safetensors file into CPU tensors. Every malformed case throws std::runtime_error naming
 /// the file and the problem: shorter than 8 bytes, header length beyond kSafetensorsMaxHeaderBytes

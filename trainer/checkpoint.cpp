@@ -14,9 +14,11 @@
 
 #include "data/hdf5_tensors.h"
 #include "diffuse/build_config.h"
+#include "util/durable_file.h"
 #include "util/files.h"
 #include "util/format.h"
 #include "util/json.h"
+#include "util/sha256.h"
 
 namespace diffuse::trainer {
 namespace fs = std::filesystem;
@@ -97,7 +99,7 @@ std::string layout_signature(const CheckpointContents& c) {
   for (const auto& [name, tensor] : c.replicated) {
     text += name + " " + checkpoint_dtype_name(tensor.scalar_type()) + " " + util::format_shape(tensor.sizes().vec()) + "\n";
   }
-  return util::sha256_of_string(text);
+  return util::sha256_hex(text);
 }
 
 /// Greedy balance by bytes (largest first, ties by name; into the lightest shard, ties by lowest
@@ -185,7 +187,7 @@ ShardRecord write_shard(const fs::path& tmp, const CheckpointContents& c, int ra
   data::write_hdf5_tensors(path, tensors, attributes);
   if (after_written) after_written(rank, c.step, path);
   record.shard = ShardEntry{path.filename().string(), rank, static_cast<int64_t>(fs::file_size(path)),
-                            util::sha256_of_file(path)};
+                            util::sha256_file(path)};
   return record;
 }
 
@@ -490,7 +492,7 @@ std::string verify_shard(const fs::path& dir, const ShardEntry& s, bool verify_h
            " bytes, the manifest says " + std::to_string(s.bytes) + (size < s.bytes ? " (truncated)" : "");
   }
   if (!verify_hash) return "";
-  std::string actual = util::sha256_of_file(path);
+  std::string actual = util::sha256_file(path);
   if (actual != s.sha256) {
     return "shard " + std::to_string(s.rank) + " (" + s.file + ") fails its sha256 check (manifest " +
            s.sha256.substr(0, 16) + "..., file " + actual.substr(0, 16) + "...)";

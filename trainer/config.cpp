@@ -4,9 +4,12 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
 #include <fstream>
 #include <algorithm>
 #include <functional>
+#include <limits>
+#include <map>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -185,12 +188,12 @@ std::string type_name(const FieldRef& ref) {
         using T = std::remove_pointer_t<std::decay_t<decltype(p)>>;
         if constexpr (std::is_same_v<T, Choice>) return "one of: " + join(p.names, ", ");
         if constexpr (std::is_same_v<T, int64_t>) return "an integer";
-        if constexpr (std::is_same_v<T, double>) return "a number";
+        if constexpr (std::is_same_v<T, double>) return "a finite number";
         if constexpr (std::is_same_v<T, bool>) return "true or false";
         if constexpr (std::is_same_v<T, std::string>) return "a string";
         if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "a list of integers, e.g. [1, 2, 4]";
         if constexpr (std::is_same_v<T, std::vector<bool>>) return "a list of true/false";
-        if constexpr (std::is_same_v<T, std::vector<double>>) return "a number or a list of numbers";
+        if constexpr (std::is_same_v<T, std::vector<double>>) return "a finite number or a list of them";
       },
       ref);
 }
@@ -204,7 +207,12 @@ std::string describe(const YAML::Node& node) {
 template <typename T>
 T scalar_as(const YAML::Node& node) {
   if (!node.IsScalar()) throw YAML::BadConversion(node.Mark());
-  return node.as<T>();
+  T value = node.as<T>();
+  // YAML spells infinity and NaN .inf and .nan; no key means either (train.lr=.inf trains NaN).
+  if constexpr (std::is_floating_point_v<T>) {
+    if (!std::isfinite(value)) throw YAML::BadConversion(node.Mark());
+  }
+  return value;
 }
 
 void assign(const Field& field, const YAML::Node& node) {
@@ -306,6 +314,11 @@ const std::vector<std::string>& sections() {
   return names;
 }
 
+// Bounds of keys whose later conversion could overflow: bucket bytes as int64, the collective
+// deadline as int64 milliseconds and as a steady_clock time point (nanoseconds).
+constexpr double kMaxBucketCapMb = 1024.0 * 1024.0;
+constexpr double kMaxCollectiveTimeoutS = 7.0 * 24 * 3600;
+
 void require(bool ok, const std::string& key, const std::string& value, const std::string& allowed) {
   if (!ok) throw std::invalid_argument("config key " + key + ": got " + value + ", expected " + allowed);
 }
@@ -324,8 +337,16 @@ Config Config::from_yaml(const std::string& text, const std::string& name) {
   if (root.IsNull()) return config;
   if (!root.IsMap()) throw std::invalid_argument("config must be a mapping of sections (model, data, train, ...)");
   auto fields = fields_of(config);
+  // yaml-cpp keeps every entry of a mapping, so a key given twice would silently take its last
+  // value: refuse it, naming both lines. (`--set` may repeat a key: there the last one wins.)
+  std::map<std::string, int> section_lines;
   for (const auto& section : root) {
     auto section_name = section.first.as<std::string>();
+    if (auto [at, inserted] = section_lines.emplace(section_name, section.first.Mark().line + 1); !inserted) {
+      throw std::invalid_argument("config section '" + section_name + "' is given twice (lines " +
+                                  std::to_string(at->second) + " and " +
+                                  std::to_string(section.first.Mark().line + 1) + "); merge them into one");
+    }
     if (std::find(sections().begin(), sections().end(), section_name) == sections().end()) {
       throw std::invalid_argument("unknown config section '" + section_name + "'; expected one of: " +
                                   join(sections(), ", "));
@@ -334,8 +355,14 @@ Config Config::from_yaml(const std::string& text, const std::string& name) {
     if (!section.second.IsMap()) {
       throw std::invalid_argument("config section '" + section_name + "' must be a mapping of keys");
     }
+    std::map<std::string, int> key_lines;
     for (const auto& entry : section.second) {
       auto key = entry.first.as<std::string>();
+      if (auto [at, inserted] = key_lines.emplace(key, entry.first.Mark().line + 1); !inserted) {
+        throw std::invalid_argument("config key " + section_name + "." + key + " is given twice (lines " +
+                                    std::to_string(at->second) + " and " +
+                                    std::to_string(entry.first.Mark().line + 1) + "); keep one");
+      }
       const Field* field = find(fields, section_name, key);
       if (field == nullptr) {
         throw std::invalid_argument("unknown config key '" + section_name + "." + key + "'; " + section_name +
@@ -348,10 +375,28 @@ Config Config::from_yaml(const std::string& text, const std::string& name) {
 }
 
 Config Config::from_yaml_file(const std::filesystem::path& path) {
+  // A folder opens and reads as empty, and an empty file parses as "no settings": either would
+  // train the built-in defaults (a 35.7 M-parameter model) instead of what the user meant.
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) {
+    throw std::invalid_argument("config " + path.string() + " is a folder; give a YAML file (e.g. configs/tiny.yaml)");
+  }
   std::ifstream in(path);
   if (!in) throw std::invalid_argument("cannot read config file " + path.string());
   std::stringstream text;
   text << in.rdbuf();
+  if (in.bad()) throw std::invalid_argument("cannot read config file " + path.string());
+  bool empty = false;
+  try {
+    empty = YAML::Load(text.str()).IsNull();
+  } catch (const YAML::Exception&) {
+    // from_yaml reports the syntax error below.
+  }
+  if (empty) {
+    throw std::invalid_argument("config file " + path.string() +
+                                " holds no settings (empty, or only comments); give a config with at least "
+                                "data.path, e.g. configs/tiny.yaml");
+  }
   try {
     return from_yaml(text.str(), path.stem().string());
   } catch (const std::invalid_argument& error) {
@@ -409,6 +454,16 @@ void Config::apply_override(const std::string& assignment) {
 }
 
 void Config::validate() const {
+  // Every float key, also those set in code rather than parsed: infinity and NaN pass most range
+  // checks below (NaN compares false, .inf > 0), so refuse them by name first.
+  for (const auto& field : fields_of(const_cast<Config&>(*this))) {
+    const std::string key = field.section + "." + field.key;
+    if (auto* value = std::get_if<double*>(&field.ref)) {
+      require(std::isfinite(**value), key, std::to_string(**value), "a finite number");
+    } else if (auto* values = std::get_if<std::vector<double>*>(&field.ref)) {
+      for (double v : **values) require(std::isfinite(v), key, std::to_string(v), "finite numbers");
+    }
+  }
   auto positive = [](const std::string& key, int64_t v) { require(v > 0, key, std::to_string(v), "an integer > 0"); };
   auto non_negative = [](const std::string& key, int64_t v) {
     require(v >= 0, key, std::to_string(v), "an integer >= 0");
@@ -451,10 +506,16 @@ void Config::validate() const {
   require(train.adam_eps > 0, "train.adam_eps", std::to_string(train.adam_eps), "> 0");
   require(train.max_grad_norm >= 0, "train.max_grad_norm", std::to_string(train.max_grad_norm), ">= 0 (0 disables)");
   require(train.seed >= 0, "train.seed", std::to_string(train.seed), "an integer >= 0");
-  require(train.bucket_cap_mb > 0, "train.bucket_cap_mb", std::to_string(train.bucket_cap_mb), "> 0");
-  require(train.collective_timeout_s > 0, "train.collective_timeout_s", std::to_string(train.collective_timeout_s),
-          "> 0 seconds");
-  require(train.loss_scale_init > 0, "train.loss_scale_init", std::to_string(train.loss_scale_init), "> 0");
+  // Upper bounds keep the conversions to bytes (int64) and milliseconds far from overflowing.
+  require(train.bucket_cap_mb > 0 && train.bucket_cap_mb <= kMaxBucketCapMb, "train.bucket_cap_mb",
+          std::to_string(train.bucket_cap_mb), "> 0 and <= " + std::to_string(static_cast<int64_t>(kMaxBucketCapMb)) +
+                                                   " (1 TiB)");
+  require(train.collective_timeout_s >= 0.001 && train.collective_timeout_s <= kMaxCollectiveTimeoutS,
+          "train.collective_timeout_s", std::to_string(train.collective_timeout_s),
+          "0.001 to " + std::to_string(static_cast<int64_t>(kMaxCollectiveTimeoutS)) + " seconds (7 days)");
+  // The scale multiplies float32 losses: beyond float32's range it is infinity.
+  require(train.loss_scale_init > 0 && train.loss_scale_init <= std::numeric_limits<float>::max(),
+          "train.loss_scale_init", std::to_string(train.loss_scale_init), "> 0 and <= 3.4e38 (float32's largest)");
   positive("train.loss_scale_growth_interval", train.loss_scale_growth_interval);
   positive("train.max_consecutive_skipped", train.max_consecutive_skipped);
   positive("train.max_nonfinite_skips", train.max_nonfinite_skips);

@@ -134,14 +134,21 @@ struct Config {
   CheckpointConfig checkpoint;
   LogConfig log;
 
-  /// Parses YAML text; throws naming unknown sections/keys and unparsable values.
+  /// Parses YAML text; throws naming unknown sections/keys, a section or key given twice (with
+  /// both lines), unparsable values and non-finite numbers (.inf, .nan). Empty text gives the
+  /// defaults.
   static Config from_yaml(const std::string& text, const std::string& name = "run");
+  /// from_yaml of a file; also refuses a folder and a file without settings (empty or only
+  /// comments), which would otherwise train the built-in defaults.
   static Config from_yaml_file(const std::filesystem::path& path);
   /// Writes every key (the resolved config); from_yaml(to_yaml()) == *this.
   std::string to_yaml() const;
   /// Applies one `section.key=value` override (value in YAML syntax, e.g. `model.dim_mults=[1,2]`).
+  /// Overrides apply in order, so a key repeated with `--set` takes its last value (deliberate
+  /// on a command line, unlike a key given twice in a file).
   void apply_override(const std::string& assignment);
-  /// Checks ranges and choices; throws std::invalid_argument naming the key, value and what is allowed.
+  /// Checks ranges and choices (every float finite); throws std::invalid_argument naming the key,
+  /// value and what is allowed.
   void validate() const;
   bool operator==(const Config& other) const { return to_yaml() == other.to_yaml(); }
   /// Every key with its value as the written config spells it ("train.lr" -> "0.0001"), in order.

@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "data/dataset.h"
+#include "data/dataset_identity.h"
 #include "data/image_io.h"
 #include "data/loader.h"
 #include "diffuse/build_config.h"
@@ -120,8 +121,39 @@ std::unique_ptr<dist::Communicator> make_communicator(const dist::Context& ctx, 
                           : dist::make_mpi_communicator(ctx, options);
 }
 
+/// Every rank must read the same dataset (node-local copies can differ): compared by identity
+/// (count, shape, a hash of the header and of the first and last chunks), agreed by all ranks.
+void check_same_dataset(const dist::Context& ctx, const std::string& path) {
+  std::string mine, summary, error;
+  try {
+    auto identity = data::dataset_identity(path);
+    mine = identity.digest;
+    summary = identity.summary();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  // A rank that cannot read the file fails on its own below, in the loader, with the file's error.
+  const std::string reference = ctx.broadcast_string(mine, 0);
+  const std::string reference_summary = ctx.broadcast_string(summary, 0);
+  const bool differs = error.empty() && !reference.empty() && mine != reference;
+  auto reports = ctx.gather_strings(differs ? "rank " + std::to_string(ctx.rank()) + " has " + summary : "");
+  std::string message;
+  if (ctx.is_root()) {
+    for (const auto& report : reports) {
+      if (!report.empty()) message += (message.empty() ? "" : "; ") + report;
+    }
+  }
+  message = ctx.broadcast_string(message, 0);
+  if (!message.empty()) {
+    throw std::runtime_error("the ranks read different datasets at data.path=" + path + ": rank 0 has " +
+                             reference_summary + "; " + message +
+                             " (node-local copies that differ? copy the same file to every node)");
+  }
+}
+
 data::LoaderOptions loader_options(const dist::Context& ctx, const Config& config, torch::Device device,
                                    const TrainerHooks& hooks) {
+  check_same_dataset(ctx, config.data.path);
   data::LoaderOptions o;
   o.path = config.data.path;
   o.batch_size = config.train.batch_size;
@@ -423,8 +455,9 @@ void Trainer::write_run_files() {
   if (p.step == 0) {
     auto count = std::min<int64_t>(p.config.log.num_samples, p.loader.info().count);
     auto real = p.run.samples() / "real.png";
+    // The run's own files: a rerun of the same steps replaces them.
     data::save_image_grid(real, data::read_images(p.config.data.path, 0, count),
-                          static_cast<int64_t>(std::ceil(std::sqrt(count))));
+                          static_cast<int64_t>(std::ceil(std::sqrt(count))), /*padding=*/2, /*overwrite=*/true);
     if (p.tensorboard) p.tensorboard->add_image("real", util::read_file(real), 0);
   }
 }
@@ -641,8 +674,8 @@ void Trainer::sample_grid() {
                         .options = {.sampler = "ddim", .steps = p.config.log.sample_steps, .eta = 0.0}};
   auto images = sample_images(*p.ema_diffusion, *p.comm, request);
   if (p.ctx.is_root()) {
-    data::save_image_grid(p.run.sample_grid(p.step), images,
-                          static_cast<int64_t>(std::ceil(std::sqrt(request.n))));
+    data::save_image_grid(p.run.sample_grid(p.step), images, static_cast<int64_t>(std::ceil(std::sqrt(request.n))),
+                          /*padding=*/2, /*overwrite=*/true);
     if (p.tensorboard) p.tensorboard->add_image("samples", util::read_file(p.run.sample_grid(p.step)), p.step);
     log::info("sample grid: {}", p.run.sample_grid(p.step).string());
   }

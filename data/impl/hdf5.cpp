@@ -2,11 +2,6 @@
 // compiles in seconds.
 #include "data/impl/hdf5.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <stdexcept>
 
 namespace diffuse::data::impl {
@@ -73,7 +68,17 @@ std::string take_error_text() {
   H5Eclear2(H5E_DEFAULT);
   if (texts.empty()) return "HDF5 call failed (no reason on HDF5's error stack)";
   std::string outer = texts.front(), inner = shorten(texts.back());
-  return texts.size() == 1 || outer == inner ? inner : outer + ": " + inner;
+  std::string text = texts.size() == 1 || outer == inner ? inner : outer + ": " + inner;
+  for (const auto& entry : texts) {
+    // HDF5 >= 1.10 locks files (flock): a writer holds an exclusive lock until it closes.
+    if (entry.find("unable to lock file") != std::string::npos) return text + lock_hint();
+  }
+  return text;
+}
+
+std::string lock_hint() {
+  return " (another process has this file open for writing: wait for it to finish or stop it; on a file system "
+         "without working locks, set HDF5_USE_FILE_LOCKING=FALSE)";
 }
 
 void throw_error(const std::string& context) { throw std::runtime_error(context + ": " + take_error_text()); }
@@ -266,15 +271,6 @@ std::string describe_filters(hid_t dcpl) {
     out += (out.empty() ? "" : "+") + label;
   }
   return out;
-}
-
-void fsync_file(const std::filesystem::path& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error("cannot open '" + path.string() + "' to sync it: " + std::strerror(errno));
-  int status = ::fsync(fd);
-  int error = errno;
-  ::close(fd);
-  if (status != 0) throw std::runtime_error("fsync of '" + path.string() + "' failed: " + std::strerror(error));
 }
 
 std::vector<Run> coalesce_runs(const std::vector<int64_t>& sorted_indices) {

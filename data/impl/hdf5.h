@@ -31,8 +31,13 @@ class Hdf5Lock {
 };
 
 /// HDF5's reason for the last failure, from its error stack ("file write failed: No space left
-/// on device (errno 28)"), then clears the stack. Call with the lock held.
+/// on device (errno 28)"), then clears the stack. A failure to lock the file gets lock_hint()
+/// appended. Call with the lock held.
 std::string take_error_text();
+
+/// What to do about "unable to lock file": the file is open for writing in another process
+/// (or the file system has no locks: HDF5_USE_FILE_LOCKING=FALSE).
+std::string lock_hint();
 
 /// Throws std::runtime_error("<context>: <HDF5's reason>"). Call with the lock held.
 [[noreturn]] void throw_error(const std::string& context);
@@ -99,10 +104,6 @@ void write_string_attribute(hid_t object, const std::string& name, const std::st
 /// Writes a 1-D array of variable-length UTF-8 strings.
 void write_string_list_attribute(hid_t object, const std::string& name, const std::vector<std::string>& values,
                                  const std::string& where);
-
-/// Flushes a closed file's data to the device (open + fsync), so a rename that follows publishes
-/// complete bytes even after a crash. Throws naming the file.
-void fsync_file(const std::filesystem::path& path);
 
 /// HDF5's registered id of the LZF filter (h5py's, also packaged as an HDF5 plugin).
 inline constexpr H5Z_filter_t kLzfFilter = 32000;

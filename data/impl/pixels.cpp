@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <stdexcept>
 
@@ -22,6 +23,8 @@
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb_image_write.h>
 #pragma GCC diagnostic pop
+
+#include "util/durable_file.h"
 
 namespace diffuse::data::impl {
 namespace fs = std::filesystem;
@@ -53,9 +56,33 @@ Image decode_image_file(const fs::path& path) {
   return image;
 }
 
-void encode_image_file(const fs::path& path, const ImageView& image, int jpeg_quality) {
+namespace {
+
+// stb hands the encoded bytes to a callback that cannot report failure: the first error is kept
+// here and rethrown once stb returns (throwing through stb's C code would leak its buffers).
+struct EncodeTarget {
+  util::AtomicFile* file = nullptr;
+  std::exception_ptr error;
+};
+
+extern "C" void write_encoded(void* context, void* data, int size) {
+  auto* target = static_cast<EncodeTarget*>(context);
+  if (target->error || size <= 0) return;
+  try {
+    target->file->write(data, static_cast<size_t>(size));
+  } catch (...) {
+    target->error = std::current_exception();
+  }
+}
+
+}  // namespace
+
+void encode_image_file(const fs::path& path, const ImageView& image, int jpeg_quality, bool overwrite) {
   std::string extension = path.extension().string();
   std::transform(extension.begin(), extension.end(), extension.begin(), ::tolower);
+  if (extension != ".png" && extension != ".jpg" && extension != ".jpeg" && extension != ".bmp") {
+    throw std::invalid_argument("cannot write image '" + path.string() + "': unknown extension (use .png, .jpg or .bmp)");
+  }
   const int w = static_cast<int>(image.width), h = static_cast<int>(image.height);
   const int c = static_cast<int>(image.channels);
   if (!path.parent_path().empty()) {
@@ -63,17 +90,19 @@ void encode_image_file(const fs::path& path, const ImageView& image, int jpeg_qu
     fs::create_directories(path.parent_path(), error);
     if (error) throw std::runtime_error("cannot create the folder of '" + path.string() + "': " + error.message());
   }
+  util::AtomicFile file(path, overwrite);
+  EncodeTarget target{&file, nullptr};
   int ok = 0;
   if (extension == ".png") {
-    ok = stbi_write_png(path.c_str(), w, h, c, image.data, w * c);
-  } else if (extension == ".jpg" || extension == ".jpeg") {
-    ok = stbi_write_jpg(path.c_str(), w, h, c, image.data, jpeg_quality);
+    ok = stbi_write_png_to_func(write_encoded, &target, w, h, c, image.data, w * c);
   } else if (extension == ".bmp") {
-    ok = stbi_write_bmp(path.c_str(), w, h, c, image.data);
+    ok = stbi_write_bmp_to_func(write_encoded, &target, w, h, c, image.data);
   } else {
-    throw std::invalid_argument("cannot write image '" + path.string() + "': unknown extension (use .png, .jpg or .bmp)");
+    ok = stbi_write_jpg_to_func(write_encoded, &target, w, h, c, image.data, jpeg_quality);
   }
-  if (!ok) throw std::runtime_error("cannot write image '" + path.string() + "': " + std::strerror(errno));
+  if (target.error) std::rethrow_exception(target.error);
+  if (!ok) throw std::runtime_error("cannot write image '" + path.string() + "': the encoder failed");
+  file.commit();
 }
 
 Image convert_channels(const ImageView& image, int64_t channels) {

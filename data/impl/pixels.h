@@ -33,9 +33,12 @@ bool read_image_header(const std::filesystem::path& path, ImageHeader& header, s
 /// reduced to 8 bits). Throws naming the file and the decoder's reason.
 Image decode_image_file(const std::filesystem::path& path);
 
-/// Writes PNG, JPEG or BMP, chosen by the file extension (.png, .jpg/.jpeg, .bmp); creates the
-/// parent folder when missing.
-void encode_image_file(const std::filesystem::path& path, const ImageView& image, int jpeg_quality = 95);
+/// Writes PNG, JPEG or BMP, chosen by the file extension (.png, .jpg/.jpeg, .bmp), through
+/// util::AtomicFile: every write checked, an existing file replaced only with `overwrite`, never a
+/// device or folder. Creates the parent folder when missing. Throws naming the file and the
+/// reason (e.g. "No space left on device").
+void encode_image_file(const std::filesystem::path& path, const ImageView& image, int jpeg_quality = 95,
+                       bool overwrite = false);
 
 /// Converts 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA) channels to 1 or 3. Alpha is dropped
 /// (as PIL's convert); grey is replicated; RGB to grey is ITU-R 601 luma in PIL's integer form.

@@ -29,6 +29,21 @@ TEST(PrepCommand, MakesTheSyntheticDatasetAndRefusesToOverwrite) {
   EXPECT_EQ(data::read_dataset_info(out).count, 8);
 }
 
+TEST(PrepCommand, TerminatedRunRemovesItsIncompleteFile) {
+  // A killed prep used to leave OUT.incomplete-PID (190-330 MB for real sets) every time.
+  TempDir dir;
+  const std::string out = (dir / "big.h5").string();
+  // Long enough to be caught while writing (a million images); terminated as soon as its
+  // temporary file exists. SIGTERM, not SIGINT: a background job of a script ignores SIGINT.
+  const std::string script = diffuse_exe() + " prep --synthetic shapes --count 1000000 --size 16 -o " + out +
+                             " & pid=$!; for i in $(seq 1 6000); do ls " + dir.path().string() +
+                             " | grep -q incomplete && break; sleep 0.01; done; kill -TERM $pid; wait $pid; "
+                             "echo \"exit status $?\"";
+  auto result = run_command("bash -c '" + script + "'");
+  EXPECT_NE(result.output.find("exit status 143"), std::string::npos) << "expected death by SIGTERM: " << result.output;
+  EXPECT_TRUE(fs::is_empty(dir.path())) << "left behind: " << fs::directory_iterator(dir.path())->path();
+}
+
 TEST(PrepCommand, ConvertsAFolderAndReportsSkippedImages) {
   TempDir dir;
   for (int i = 0; i < 3; ++i) {

@@ -5,12 +5,16 @@
 
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 
+#include <csignal>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "data/dataset.h"
+#include "support.h"
 
 namespace diffuse::testing {
 
@@ -56,6 +60,22 @@ inline std::filesystem::path write_fixture(const std::filesystem::path& path, in
 inline torch::Tensor expected_sample(int64_t i, int64_t h, int64_t w, int64_t c, bool flip) {
   auto image = fixture_image(i, h, w, c).permute({2, 0, 1}).to(torch::kFloat).div(127.5).sub(1.0);
   return flip ? image.flip({2}) : image;
+}
+
+/// Runs `fn` with a file-size limit of `bytes` and SIGXFSZ ignored: writes past the limit fail
+/// with EFBIG ("File too large"), the way writes to a full disk fail with ENOSPC, without
+/// filling a disk. Returns what error_of(fn) returns.
+inline std::string error_with_file_size_limit(rlim_t bytes, const std::function<void()>& fn) {
+  struct rlimit saved {};
+  if (::getrlimit(RLIMIT_FSIZE, &saved) != 0) return "(getrlimit failed)";
+  auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = saved;
+  small.rlim_cur = bytes;
+  if (::setrlimit(RLIMIT_FSIZE, &small) != 0) return "(setrlimit failed)";
+  std::string message = error_of(fn);
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  std::signal(SIGXFSZ, previous_handler);
+  return message;
 }
 
 /// Overwrites (or adds) an integer attribute on the root of an existing file.

@@ -2,10 +2,10 @@
 // trips bit-exactly and is stored as h5py expects; errors name the file and the tensor.
 #include <gtest/gtest.h>
 
-#include <sys/resource.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
-#include <csignal>
 #include <fstream>
 
 #include "data/dataset.h"
@@ -252,37 +252,61 @@ print("h5py ok")
   EXPECT_NE(result.output.find("h5py ok"), std::string::npos) << result.output;
 }
 
+TEST(Hdf5Tensors, ReplacesAnExistingFileOnlyWithOverwrite) {
+  // `sample --out-h5` onto an existing file used to overwrite it silently.
+  TempDir dir;
+  const auto path = dir / "samples.h5";
+  write_hdf5_tensors(path, {{"images", torch::zeros({2}, torch::kUInt8)}});
+  auto message = error_of([&] { write_hdf5_tensors(path, {{"images", torch::ones({3}, torch::kUInt8)}}); });
+  EXPECT_NE(message.find(path.string() + "' exists; pass --overwrite to replace it"), std::string::npos) << message;
+  EXPECT_EQ(read_hdf5_tensors(path).at("images").numel(), 2);
+  write_hdf5_tensors(path, {{"images", torch::ones({3}, torch::kUInt8)}}, {}, /*overwrite=*/true);
+  EXPECT_EQ(read_hdf5_tensors(path).at("images").numel(), 3);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1) << "no temporary left";
+}
+
+TEST(Hdf5Files, LockedByAWriterSaysWhatToDo) {
+  // HDF5 locks files with flock(): an exclusive lock stands for a writer in another process
+  // (flock locks of two open() calls conflict even within one process).
+  TempDir dir;
+  const auto path = write_fixture(dir / "d.h5", 4, 2, 2, 1);
+  ::unsetenv("HDF5_USE_FILE_LOCKING");
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  auto message = error_of([&] { read_dataset_info(path); });
+  ::close(fd);
+  EXPECT_NE(message.find(path.string()), std::string::npos) << message;
+  EXPECT_NE(message.find("another process has this file open for writing"), std::string::npos) << message;
+  EXPECT_NE(message.find("HDF5_USE_FILE_LOCKING=FALSE"), std::string::npos) << message;
+  EXPECT_EQ(read_dataset_info(path).count, 4) << "readable again once the lock is gone";
+}
+
 TEST(Hdf5Tensors, ErrorsNameTheFileAndTheTensor) {
   TempDir dir;
   auto unwritable = dir / "no-such-folder" / "t.h5";
   auto message = error_of([&] { write_hdf5_tensors(unwritable, {{"x", torch::ones({2})}}); });
   EXPECT_NE(message.find(unwritable.string()), std::string::npos) << message;
-  EXPECT_NE(message.find("No such file or directory"), std::string::npos) << message;
+  EXPECT_NE(message.find("does not exist"), std::string::npos) << message;
 
   // A full disk while writing one tensor: a file-size limit makes writes past 64 KiB fail
   // (EFBIG) the way a full disk does (ENOSPC). HDF5 1.10 keeps such a file half-closed and used
   // to segfault at exit on it: this binary exiting cleanly is part of the test.
   {
-    struct rlimit saved{};
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &saved), 0);
-    auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = saved;
-    small.rlim_cur = 64 << 10;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-    message = error_of([&] {
+    message = error_with_file_size_limit(64 << 10, [&] {
       write_hdf5_tensors(dir / "full.h5", {{"small", torch::ones({16})}, {"model.big", torch::ones({1 << 16})}});
     });
-    ::setrlimit(RLIMIT_FSIZE, &saved);
-    std::signal(SIGXFSZ, previous_handler);
     EXPECT_NE(message.find((dir / "full.h5").string()), std::string::npos) << message;
     EXPECT_NE(message.find("model.big"), std::string::npos) << message;
     EXPECT_NE(message.find("File too large"), std::string::npos) << message;
+    // Neither a partial full.h5 nor its temporary is left.
+    EXPECT_TRUE(fs::is_empty(dir.path())) << "left behind: " << fs::directory_iterator(dir.path())->path();
   }
-  // /dev/full accepts the open and fails every write with ENOSPC: creation already fails.
-  if (fs::exists("/dev/full") && ::access("/dev/full", W_OK) == 0) {
-    message = error_of([&] { write_hdf5_tensors("/dev/full", {{"x", torch::ones({4})}}); });
-    EXPECT_NE(message.find("/dev/full"), std::string::npos) << message;
-    EXPECT_NE(message.find("No space left on device"), std::string::npos) << message;
+  // A device node is never written over (as root, a rename would replace /dev/full itself).
+  if (fs::exists("/dev/full")) {
+    message = error_of([&] { write_hdf5_tensors("/dev/full", {{"x", torch::ones({4})}}, {}, /*overwrite=*/true); });
+    EXPECT_NE(message.find("refusing to replace '/dev/full': it is a character device"), std::string::npos) << message;
+    EXPECT_TRUE(fs::is_character_file("/dev/full"));
   }
 
   EXPECT_NE(error_of([&] { write_hdf5_tensors(dir / "d.h5", {{"a", torch::ones(1)}, {"a", torch::ones(1)}}); })

@@ -528,7 +528,7 @@ TEST(Loader, LoadersAndTensorFileWritesShareHdf5Safely) {
   std::thread first(consume, a, 4, 4, 3), second(consume, b, 4, 4, 1);
   for (int k = 0; k < 30; ++k) {
     auto tensor = torch::arange(1000, torch::kFloat) * k;
-    write_hdf5_tensors(dir / "t.h5", {{"x", tensor}}, {{"k", std::to_string(k)}});
+    write_hdf5_tensors(dir / "t.h5", {{"x", tensor}}, {{"k", std::to_string(k)}}, /*overwrite=*/true);
     auto back = read_hdf5_tensors(dir / "t.h5");
     if (!torch::equal(back.at("x"), tensor) || back.attributes.at("k") != std::to_string(k)) ++failures;
     read_dataset_info(a);

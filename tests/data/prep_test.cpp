@@ -2,9 +2,13 @@
 // batches, the synthetic set) and every bad input; the image transforms with known answers; the
 // torchvision-style grid.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <fstream>
+#include <map>
 
 #include "data/dataset.h"
 #include "data/image_io.h"
@@ -293,6 +297,73 @@ TEST(Prep, WritesUnderATemporaryNameAndCleansUpWhenInterrupted) {
   for (const auto& entry : fs::directory_iterator(dir.path())) {
     EXPECT_EQ(entry.path().filename().string().find("out.h5.incomplete"), std::string::npos) << "left behind";
   }
+}
+
+TEST(Prep, OverwriteNeverReplacesWhatIsNotARegularFile) {
+  TempDir dir;
+  save_image(dir / "in" / "a.png", coloured(0, 4, 4));
+  // As root, a rename over a device node replaces it: `--out /dev/null` would replace the system's
+  // /dev/null. A FIFO (and a link to /dev/null) stands in for one without risking anything.
+  ASSERT_EQ(::mkfifo((dir / "pipe.h5").c_str(), 0600), 0);
+  fs::create_symlink("/dev/null", dir / "null.h5");
+  for (const char* name : {"pipe.h5", "null.h5"}) {
+    auto options = prep_options(dir / "in", dir / name);
+    options.overwrite = true;
+    EXPECT_ERROR_CONTAINS(prep_dataset(options), "refusing to replace '" + (dir / name).string() + "': it is a");
+  }
+  EXPECT_TRUE(fs::is_fifo(dir / "pipe.h5"));
+  EXPECT_TRUE(fs::is_symlink(dir / "null.h5"));
+  EXPECT_TRUE(fs::is_character_file("/dev/null"));
+}
+
+TEST(Prep, RemovesTheIncompleteFilesOfDeadRuns) {
+  TempDir dir;
+  save_image(dir / "in" / "a.png", coloured(0, 4, 4));
+  // What a run killed with SIGKILL leaves: OUT.incomplete-PID of a process that is gone.
+  pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ::waitpid(child, nullptr, 0);
+  const fs::path stale = dir / ("out.h5.incomplete-" + std::to_string(child));
+  std::ofstream(stale) << std::string(4096, 'x');
+  fs::last_write_time(stale, fs::file_time_type::clock::now() - std::chrono::hours(2));
+  auto report = prep_dataset(prep_options(dir / "in", dir / "out.h5"));
+  EXPECT_EQ(report.removed_stale, std::vector<fs::path>{stale});
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_EQ(read_dataset_info(dir / "out.h5").count, 1);
+}
+
+TEST(Prep, FollowsLinkedFoldersAndReportsWhatItSkips) {
+  TempDir dir;
+  // in/cats is a real folder, in/dogs a link to a folder elsewhere (a common layout for class
+  // folders shared between splits); dangling links and link loops are reported, not fatal.
+  save_image(dir / "in" / "cats" / "c0.png", coloured(0, 4, 4));
+  save_image(dir / "elsewhere" / "dogs" / "d0.png", coloured(1, 4, 4));
+  save_image(dir / "elsewhere" / "dogs" / "d1.png", coloured(2, 4, 4));
+  fs::create_directory_symlink(dir / "elsewhere" / "dogs", dir / "in" / "dogs");
+  fs::create_symlink(dir / "nowhere.png", dir / "in" / "cats" / "gone.png");
+  fs::create_directory_symlink(dir / "in", dir / "in" / "cats" / "loop");
+  fs::create_symlink("self", dir / "in" / "cats" / "self");
+  fs::create_directory_symlink(dir / "elsewhere" / "dogs", dir / "in" / "cats" / "dogs-again");
+  auto options = prep_options(dir / "in", dir / "out.h5");
+  options.labels_from_folders = true;
+  auto report = prep_dataset(options);
+  EXPECT_EQ(report.written, 3);
+  EXPECT_EQ(report.class_names, (std::vector<std::string>{"cats", "dogs"}));
+  EXPECT_TRUE(torch::equal(read_labels(dir / "out.h5"), torch::tensor({0, 1, 1}, torch::kInt64)));
+  std::map<std::string, std::string> skipped;
+  for (const auto& entry : report.skipped_entries) skipped[entry.path.filename().string()] = entry.reason;
+  EXPECT_EQ(skipped.size(), 4u);
+  EXPECT_EQ(skipped["gone.png"], "dangling symbolic link to '" + (dir / "nowhere.png").string() + "'");
+  EXPECT_EQ(skipped["loop"], "symbolic link loop: leads back to '" + (dir / "in").string() + "'");
+  EXPECT_EQ(skipped["self"], "symbolic link loop: 'self' never resolves to a file or folder");
+  EXPECT_EQ(skipped["dogs-again"], "same folder as '" + (dir / "in" / "dogs").string() + "', already searched");
+
+  // A folder whose only entries are skipped says so instead of a bare "no images".
+  fs::create_directory(dir / "links");
+  fs::create_symlink("self", dir / "links" / "self");
+  EXPECT_ERROR_CONTAINS(prep_dataset(prep_options(dir / "links", dir / "o.h5")),
+                        "skipped 1 entry: '" + (dir / "links" / "self").string() + "': symbolic link loop");
 }
 
 // --- idx ----------------------------------------------------------------------------------------

@@ -55,8 +55,18 @@ TEST(Safetensors, RefusesWhatItCannotWrite) {
   EXPECT_TRUE(throws_with([&] { model::save_safetensors(p, {{"", torch::ones(1)}}); }, {"invalid tensor name"}));
   EXPECT_TRUE(throws_with([&] { model::save_safetensors(p, {{"c", torch::ones(1, torch::kComplexFloat)}}); },
                           {"tensor 'c'", "cannot store dtype"}));
-  EXPECT_TRUE(throws_with([&] { model::save_safetensors(dir / "no/such/dir/x.safetensors", {}); }, {"cannot open"}));
+  EXPECT_TRUE(throws_with([&] { model::save_safetensors(dir / "no/such/dir/x.safetensors", {}); },
+                          {"no/such/dir", "does not exist"}));
   EXPECT_FALSE(std::filesystem::exists(p));
+  // An existing file is replaced only when asked; a device node never.
+  model::save_safetensors(p, {{"a", torch::ones(1)}});
+  EXPECT_TRUE(throws_with([&] { model::save_safetensors(p, {{"a", torch::zeros(1)}}); }, {"exists", "--overwrite"}));
+  EXPECT_EQ(model::load_safetensors(p).tensors[0].second.item<float>(), 1.0f);
+  model::save_safetensors(p, {{"a", torch::zeros(1)}}, {}, /*overwrite=*/true);
+  EXPECT_EQ(model::load_safetensors(p).tensors[0].second.item<float>(), 0.0f);
+  EXPECT_TRUE(throws_with([&] { model::save_safetensors("/dev/null", {{"a", torch::ones(1)}}, {}, true); },
+                          {"character device"}));
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/null"));
 }
 
 // Writes a file from parts: header length (default: the header's), header text, data bytes.

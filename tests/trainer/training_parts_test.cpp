@@ -3,7 +3,10 @@
 #include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
+#include <functional>
+#include <limits>
 
 #include "support.h"
 #include "trainer/config.h"
@@ -115,6 +118,85 @@ TEST(Config, TensorBoardIsOnUnlessTurnedOff) {
   EXPECT_FALSE(Config::from_yaml(config.to_yaml()).log.tensorboard);
   config.apply_override("log.tensorboard=true");
   EXPECT_TRUE(config.log.tensorboard);
+}
+
+TEST(Config, FolderAndFileWithoutSettingsAreRefused) {
+  // Both used to train the built-in defaults (a 35.7 M-parameter model).
+  TempDir dir;
+  auto message = error_of([&] { Config::from_yaml_file(dir.path()); });
+  EXPECT_NE(message.find("config " + dir.path().string() + " is a folder; give a YAML file"), std::string::npos)
+      << message;
+  for (const std::string text : {"", "\n  \n", "# model:\n#   dim: 32\n"}) {
+    std::ofstream(dir / "empty.yaml") << text;
+    message = error_of([&] { Config::from_yaml_file(dir / "empty.yaml"); });
+    EXPECT_NE(message.find("config file " + (dir / "empty.yaml").string() + " holds no settings"), std::string::npos)
+        << "'" << text << "': " << message;
+  }
+}
+
+TEST(Config, InfinityAndNanAreRefusedForEveryFloatKey) {
+  for (const std::string value : {".inf", "-.inf", ".nan", ".Inf", ".NaN"}) {
+    auto message = error_of([&] { Config::from_yaml("train:\n  lr: " + value + "\n"); });
+    EXPECT_NE(message.find("config key train.lr: got '" + value + "', expected a finite number"), std::string::npos)
+        << message;
+  }
+  Config config;
+  config.data.path = "x.h5";
+  auto message = error_of([&] { config.apply_override("train.collective_timeout_s=.inf"); });
+  EXPECT_NE(message.find("train.collective_timeout_s"), std::string::npos) << message;
+  EXPECT_NE(message.find("finite"), std::string::npos) << message;
+  message = error_of([&] { config.apply_override("ema.decay=[0.99, .nan]"); });
+  EXPECT_NE(message.find("ema.decay"), std::string::npos) << message;
+  // Set in code rather than parsed: validate() checks every float key by name.
+  const double inf = std::numeric_limits<double>::infinity();
+  struct Case {
+    std::string key;
+    std::function<void(Config&)> set;
+  };
+  for (const auto& c : std::vector<Case>{{"train.adam_eps", [&](Config& x) { x.train.adam_eps = inf; }},
+                                         {"diffusion.vlb_weight", [](Config& x) { x.diffusion.vlb_weight = std::nan(""); }},
+                                         {"ema.power", [&](Config& x) { x.ema.power = inf; }},
+                                         {"ema.decay", [&](Config& x) { x.ema.decay = {0.9, -inf}; }}}) {
+    Config edited = config;
+    c.set(edited);
+    message = error_of([&] { edited.validate(); });
+    EXPECT_NE(message.find("config key " + c.key + ": got "), std::string::npos) << c.key << ": " << message;
+    EXPECT_NE(message.find("finite"), std::string::npos) << c.key << ": " << message;
+  }
+}
+
+TEST(Config, RangesKeepConversionsFromOverflowing) {
+  struct Case {
+    std::string assignment, expected;
+  };
+  for (const auto& c : std::vector<Case>{
+           // 1e16 s is 1e19 ms: it overflowed int64 milliseconds into a negative timeout.
+           {"train.collective_timeout_s=1e16", "0.001 to 604800 seconds (7 days)"},
+           {"train.collective_timeout_s=1e-6", "0.001 to 604800 seconds"},
+           {"train.bucket_cap_mb=1e15", "<= 1048576 (1 TiB)"},
+           {"train.loss_scale_init=1e39", "float32's largest"}}) {
+    Config config;
+    config.data.path = "x.h5";
+    config.apply_override(c.assignment);
+    auto message = error_of([&] { config.validate(); });
+    EXPECT_NE(message.find(c.expected), std::string::npos) << c.assignment << ": " << message;
+  }
+  Config config;
+  config.data.path = "x.h5";
+  config.apply_override("train.collective_timeout_s=604800");
+  EXPECT_NO_THROW(config.validate());
+}
+
+TEST(Config, KeyOrSectionGivenTwiceIsAnError) {
+  auto message = error_of([] { Config::from_yaml("train:\n  lr: 1e-4\n  steps: 5\n  lr: 2e-4\n"); });
+  EXPECT_NE(message.find("config key train.lr is given twice (lines 2 and 4)"), std::string::npos) << message;
+  message = error_of([] { Config::from_yaml("train:\n  lr: 1e-4\nmodel:\n  dim: 8\ntrain:\n  steps: 5\n"); });
+  EXPECT_NE(message.find("config section 'train' is given twice (lines 1 and 5)"), std::string::npos) << message;
+  // On the command line a repeated --set is deliberate: the last one wins.
+  Config config;
+  config.apply_override("train.lr=1e-4");
+  config.apply_override("train.lr=3e-4");
+  EXPECT_EQ(config.train.lr, 3e-4);
 }
 
 // ---------------------------------------------------------------------------------------------
