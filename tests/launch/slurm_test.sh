@@ -96,7 +96,7 @@ preempt_and_resume() {
   expect_in "$log" "done: $STEPS steps" "the end of training"
   for weights in online ema; do
     for r in reference "preempted-$launcher"; do
-      "$EXE" export --ckpt "$WORK/$r/checkpoints/latest" --weights "$weights" --out "$WORK/$r-$weights.safetensors" \
+      "$EXE" export --ckpt "$WORK/$r/checkpoints/latest" --weights "$weights" --out "$WORK/$r-$weights.safetensors" --overwrite \
         >"$WORK/export.log" 2>&1 || { cat "$WORK/export.log"; fail "export $r $weights"; }
     done
     cmp "$WORK/reference-$weights.safetensors" "$WORK/preempted-$launcher-$weights.safetensors" \
