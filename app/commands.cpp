@@ -26,6 +26,19 @@
 namespace diffuse::app {
 namespace {
 
+/// The model of a checkpoint, with a progress line on rank 0 while the checkpoint is read.
+trainer::LoadedModel load_with_progress(const dist::Context& ctx, const std::string& ckpt, const std::string& weights,
+                                        torch::Device device) {
+  trainer::BytesProgress reading({.label = "loading checkpoint", .enabled = ctx.is_root()});
+  auto loaded = trainer::load_model(ckpt, weights, device,
+                                    [&](int64_t done, int64_t total) { reading.report(done, total); });
+  reading.finish();
+  if (ctx.is_root()) {
+    for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
+  }
+  return loaded;
+}
+
 torch::Device command_device(const dist::Context& ctx, const std::string& device) {
   bool want_cuda = device == "cuda" || (device == "auto" && torch::cuda::is_available());
   return dist::select_device(ctx, want_cuda);
@@ -74,10 +87,7 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   }
   check_sample_outputs(args);
   auto device = command_device(ctx, args.device);
-  auto loaded = trainer::load_model(args.ckpt, args.weights, device);
-  if (ctx.is_root()) {
-    for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
-  }
+  auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
   int64_t c = loaded.config.model.channels, s = loaded.config.data.image_size;
   // Rank 0 gathers every image as float32 and converts them to uint8 for the outputs.
   trainer::require_memory(fmt::format("sample --n {} at {}x{}x{}", args.n, s, s, c),
@@ -117,10 +127,10 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   return 0;
 }
 
-int run_export(const std::string& ckpt, const std::string& out, const std::string& weights, bool overwrite) {
+int run_export(const dist::Context& ctx, const std::string& ckpt, const std::string& out, const std::string& weights,
+               bool overwrite) {
   util::check_destination(out, overwrite);  // before the checkpoint is read
-  auto loaded = trainer::load_model(ckpt, weights, torch::kCPU);
-  for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
+  auto loaded = load_with_progress(ctx, ckpt, weights, torch::kCPU);
   std::map<std::string, std::string> metadata{
       {"format", "diffuse"},
       {"unet_options", trainer::unet_options(loaded.config.model).to_json()},
@@ -141,10 +151,7 @@ struct EvalArgs {
 
 int run_eval(const dist::Context& ctx, const EvalArgs& args) {
   auto device = command_device(ctx, args.device);
-  auto loaded = trainer::load_model(args.ckpt, args.weights, device);
-  if (ctx.is_root()) {
-    for (const auto& warning : loaded.warnings) trainer::log::warn("{}", warning);
-  }
+  auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
   auto comm = command_communicator(ctx, device);
   trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
                               .enabled = ctx.is_root()});
@@ -260,7 +267,7 @@ void add_export_command(CLI::App& app, CommandAction& action) {
   cmd->add_flag("--overwrite", *overwrite, "Replace an existing output file (never anything but a regular file)");
   cmd->callback([&action, ckpt, out, weights, overwrite] {
     action = [ckpt, out, weights, overwrite](const dist::Context& ctx) {
-      return ctx.is_root() ? run_export(*ckpt, *out, *weights, *overwrite) : 0;
+      return ctx.is_root() ? run_export(ctx, *ckpt, *out, *weights, *overwrite) : 0;
     };
   });
 }

@@ -10,6 +10,7 @@
 #include "dist/context.h"
 #include "app/commands.h"
 #include "trainer/logging.h"
+#include "trainer/memory.h"
 
 int main(int argc, char** argv) {
   using namespace diffuse;
@@ -69,7 +70,14 @@ int main(int argc, char** argv) {
     trainer::log::setup(ctx->rank(), ctx->world_size(), log_options);
     return action(*ctx);
   } catch (const std::exception& error) {
-    trainer::log::critical("[rank {}] {}", ctx->rank(), error.what());
+    // An allocation failure anywhere gets the allocator's words without LibTorch's C++ trace, and
+    // what to change.
+    if (trainer::is_out_of_memory(error)) {
+      trainer::log::critical("[rank {}] out of memory: {}. Ask for less at once (--batch, --n, train.batch_size)",
+                             ctx->rank(), trainer::error_text(error));
+    } else {
+      trainer::log::critical("[rank {}] {}", ctx->rank(), trainer::error_text(error));
+    }
     trainer::log::flush();
     std::cerr.flush();
     if (ctx->world_size() > 1) ctx->abort(1);

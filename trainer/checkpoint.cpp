@@ -503,7 +503,8 @@ std::string verify_shard(const fs::path& dir, const ShardEntry& s, bool verify_h
 namespace {
 
 /// Loads one candidate on every rank; throws the same CheckpointError everywhere when it is bad.
-LoadedCheckpoint load_one(const dist::HostCollective& comm, const fs::path& dir, bool include_per_rank) {
+LoadedCheckpoint load_one(const dist::HostCollective& comm, const fs::path& dir, bool include_per_rank,
+                          const LoadProgress& progress) {
   // One reader of the manifest, so every rank works from the same text.
   std::string message;
   if (comm.is_root()) {
@@ -556,9 +557,13 @@ LoadedCheckpoint load_one(const dist::HostCollective& comm, const fs::path& dir,
       if (!t.per_rank || t.rank == out.per_rank_source) needed.insert(t.shard);
     }
     std::unordered_map<std::string, torch::Tensor> read;
+    int64_t total = 0, done = 0;
+    for (int s : needed) total += m.shards[static_cast<size_t>(s)].bytes;
     for (int s : needed) {
       auto file = data::read_hdf5_tensors(dir / m.shards[static_cast<size_t>(s)].file);
       for (auto& [name, tensor] : file.tensors) read.emplace(name, std::move(tensor));
+      done += m.shards[static_cast<size_t>(s)].bytes;
+      if (progress) progress(done, total);
     }
     for (const auto& t : m.tensors) {
       if (t.per_rank && t.rank != out.per_rank_source) continue;
@@ -585,7 +590,7 @@ LoadedCheckpoint load_one(const dist::HostCollective& comm, const fs::path& dir,
 /// The load protocol: rank 0 plans (via `plan_on_root`), then the candidates are tried in order.
 std::optional<LoadedCheckpoint> load_collective(const dist::HostCollective& comm,
                                                 const std::function<CheckpointCandidates()>& plan_on_root,
-                                                bool include_per_rank) {
+                                                bool include_per_rank, const LoadProgress& progress) {
   std::string message;
   if (comm.is_root()) {
     CheckpointCandidates plan;
@@ -597,7 +602,7 @@ std::optional<LoadedCheckpoint> load_collective(const dist::HostCollective& comm
   for (size_t i = 0; i < plan.dirs.size(); ++i) {
     const fs::path& dir = plan.dirs[i];
     try {
-      LoadedCheckpoint loaded = load_one(comm, dir, include_per_rank);
+      LoadedCheckpoint loaded = load_one(comm, dir, include_per_rank, progress);
       if (i > 0 || !warnings.empty()) {
         warnings.push_back("using the older checkpoint " + dir.string() + " (step " +
                            std::to_string(loaded.step) + ")");
@@ -638,7 +643,7 @@ SavedCheckpoint CheckpointStore::save(const CheckpointContents& contents) {
   return save_collective(ranks_, dir_, contents, policy_, after_shard_written_);
 }
 
-std::optional<LoadedCheckpoint> CheckpointStore::load(const std::string& which) {
+std::optional<LoadedCheckpoint> CheckpointStore::load(const std::string& which, const LoadProgress& progress) {
   auto plan = [&]() -> CheckpointCandidates {
     if (which == kLatestLinkName) return plan_latest(dir_);
     fs::path path(which);
@@ -646,7 +651,7 @@ std::optional<LoadedCheckpoint> CheckpointStore::load(const std::string& which) 
     if (path.is_relative() && !fs::exists(path, ec) && fs::exists(dir_ / path, ec)) path = dir_ / path;
     return plan_explicit(path);
   };
-  return load_collective(ranks_, plan, /*include_per_rank=*/true);
+  return load_collective(ranks_, plan, /*include_per_rank=*/true, progress);
 }
 
 std::vector<fs::path> CheckpointStore::list() const {
@@ -655,10 +660,10 @@ std::vector<fs::path> CheckpointStore::list() const {
   return paths;
 }
 
-LoadedCheckpoint read_checkpoint_single_process(const fs::path& path) {
+LoadedCheckpoint read_checkpoint_single_process(const fs::path& path, const LoadProgress& progress) {
   dist::SoloCollective solo;
   auto loaded = load_collective(
-      solo, [&] { return locate_checkpoints(path); }, /*include_per_rank=*/false);
+      solo, [&] { return locate_checkpoints(path); }, /*include_per_rank=*/false, progress);
   if (!loaded) throw CheckpointError("no checkpoint found at " + path.string());
   return std::move(*loaded);
 }

@@ -140,6 +140,10 @@ struct SavedCheckpoint {
 /// program installs one from DIFFUSE_TEST_FAIL_CHECKPOINT_RANK/_STEP (app/test_hooks.cpp).
 using ShardWrittenHook = std::function<void(int rank, int64_t step, const std::filesystem::path& shard)>;
 
+/// Called while a checkpoint is read, after each shard this rank reads: bytes read so far and in
+/// all (the manifest's sizes), for a progress line.
+using LoadProgress = std::function<void(int64_t bytes_done, int64_t bytes_total)>;
+
 /// The checkpoints of one run directory, shared by all ranks.
 class CheckpointStore {
  public:
@@ -156,7 +160,7 @@ class CheckpointStore {
   /// directory, or a name inside the checkpoints directory such as "step-000100"); rank 0's value
   /// is used. Returns nullopt for "latest" when there is no checkpoint at all; throws
   /// CheckpointError when checkpoints exist but none is usable, or an explicit directory is bad.
-  std::optional<LoadedCheckpoint> load(const std::string& which);
+  std::optional<LoadedCheckpoint> load(const std::string& which, const LoadProgress& progress = {});
 
   /// Complete checkpoints (those with a manifest), newest step first. Local: any rank, no MPI.
   std::vector<std::filesystem::path> list() const;
@@ -190,7 +194,8 @@ std::string verify_shard(const std::filesystem::path& dir, const ShardEntry& sha
 /// a checkpoints directory or a `latest` link (the newest good checkpoint, falling back with
 /// warnings like load("latest")). Verifies every shard's hash. Returns the replicated tensors only
 /// (per_rank empty, per_rank_source -1). Throws CheckpointError when nothing usable is found.
-LoadedCheckpoint read_checkpoint_single_process(const std::filesystem::path& path);
+LoadedCheckpoint read_checkpoint_single_process(const std::filesystem::path& path,
+                                                const LoadProgress& progress = {});
 
 /// Writes a checkpoint into `checkpoints_dir` exactly as a save by `ranks.size()` ranks would
 /// (rank r's contents at index r), from one process, retention included. For tests and tools that

@@ -102,4 +102,18 @@ void Progress::finish() {
                     format_hms(elapsed) + " (" + format_rate(rate) + " " + options_.unit + "/s)");
 }
 
+void BytesProgress::report(int64_t done, int64_t total) {
+  constexpr int64_t kMiB = 1 << 20;
+  if (!progress_) {
+    options_.total = (total + kMiB - 1) / kMiB;
+    options_.unit = "MiB";
+    progress_.emplace(options_);
+  }
+  progress_->advance((done + kMiB - 1) / kMiB - progress_->done());
+}
+
+void BytesProgress::finish() {
+  if (progress_) progress_->finish();
+}
+
 }  // namespace diffuse::trainer

@@ -66,4 +66,18 @@ class Progress {
 /// H:MM:SS (to the nearest second), or "?" for an unknown (negative or non-finite) duration.
 std::string format_hms(double seconds);
 
+/// Progress of a read whose size is known only once it starts (a checkpoint): bytes reported,
+/// shown in MiB; the line appears with the first report.
+class BytesProgress {
+ public:
+  /// `options` as for Progress; its total and unit are set by the first report.
+  explicit BytesProgress(ProgressOptions options) : options_(std::move(options)) {}
+  void report(int64_t done, int64_t total);
+  void finish();
+
+ private:
+  ProgressOptions options_;
+  std::optional<Progress> progress_;
+};
+
 }  // namespace diffuse::trainer

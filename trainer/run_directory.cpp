@@ -1,5 +1,11 @@
 #include "trainer/run_directory.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include <cmath>
 #include <iomanip>
 #include <regex>
@@ -7,6 +13,8 @@
 #include <stdexcept>
 
 #include "util/json.h"
+
+#include "util/durable_file.h"
 
 namespace diffuse::trainer {
 
@@ -42,14 +50,9 @@ void MetricsLogger::truncate_after(int64_t step) {
     if (std::stoll(match[1]) <= step) kept.push_back(line);
   }
   in.close();
-  auto tmp = path_;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    for (const auto& l : kept) out << l << "\n";
-    if (!out) throw std::runtime_error("cannot rewrite " + path_.string());
-  }
-  std::filesystem::rename(tmp, path_);
+  std::string text;
+  for (const auto& l : kept) text += l + "\n";
+  util::write_file(path_, text, /*overwrite=*/true);  // checked, temporary + rename
 }
 
 void MetricsLogger::write(const std::vector<std::pair<std::string, double>>& numbers,
@@ -71,10 +74,12 @@ void MetricsLogger::write(const std::vector<std::pair<std::string, double>>& num
     first = false;
   }
   line << "}\n";
-  std::ofstream out(path_, std::ios::app);
-  out << line.str();
-  out.flush();
-  if (!out) throw std::runtime_error("cannot append to " + path_.string());
+  // One checked append per line: a full disk is an error, never a silently torn history.
+  int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot append to " + path_.string() + ": " + std::strerror(errno));
+  const std::string text = line.str();
+  util::write_all(fd, text.data(), text.size(), path_);
+  if (::close(fd) != 0) throw std::runtime_error("cannot append to " + path_.string() + ": " + std::strerror(errno));
 }
 
 }  // namespace diffuse::trainer

@@ -10,8 +10,9 @@
 
 namespace diffuse::trainer {
 
-LoadedModel load_model(const std::filesystem::path& checkpoint_path, const std::string& which, torch::Device device) {
-  auto checkpoint = read_checkpoint_single_process(checkpoint_path);
+LoadedModel load_model(const std::filesystem::path& checkpoint_path, const std::string& which, torch::Device device,
+                       const std::function<void(int64_t, int64_t)>& on_progress) {
+  auto checkpoint = read_checkpoint_single_process(checkpoint_path, on_progress);
   LoadedModel loaded;
   loaded.config = Config::from_yaml(checkpoint.config_yaml, "checkpoint");
   loaded.step = checkpoint.step;

@@ -30,7 +30,9 @@ struct LoadedModel {
 /// Reads a checkpoint in this process (a checkpoint directory, or a run directory / checkpoints
 /// directory / `latest` link: the newest good one) and builds its model with the weights `which`
 /// names ("ema", a rate such as "0.9999", or "online"), in eval mode on `device`.
-LoadedModel load_model(const std::filesystem::path& checkpoint, const std::string& which, torch::Device device);
+/// `on_progress(bytes_done, bytes_total)` follows the checkpoint's reading.
+LoadedModel load_model(const std::filesystem::path& checkpoint, const std::string& which, torch::Device device,
+                       const std::function<void(int64_t, int64_t)>& on_progress = {});
 
 struct SampleRequest {
   int64_t n = 64;

@@ -16,7 +16,6 @@
 #include <string_view>
 
 #include "data/dataset.h"
-#include "data/dataset_identity.h"
 #include "data/image_io.h"
 #include "data/loader.h"
 #include "diffuse/build_config.h"
@@ -30,12 +29,15 @@
 #include "trainer/model_factory.h"
 #include "trainer/nonfinite_guard.h"
 #include "trainer/optimization.h"
+#include "trainer/preflight.h"
+#include "trainer/progress.h"
 #include "trainer/run_directory.h"
 #include "trainer/run_lock.h"
 #include "trainer/sampling.h"
 #include "trainer/tensorboard.h"
 #include "trainer/timestep_sampler.h"
 #include "trainer/training_state.h"
+#include "util/durable_file.h"
 #include "util/files.h"
 #include "util/format.h"
 
@@ -121,36 +123,6 @@ std::unique_ptr<dist::Communicator> make_communicator(const dist::Context& ctx, 
                           : dist::make_mpi_communicator(ctx, options);
 }
 
-/// Every rank must read the same dataset (node-local copies can differ): compared by identity
-/// (count, shape, a hash of the header and of the first and last chunks), agreed by all ranks.
-void check_same_dataset(const dist::Context& ctx, const std::string& path) {
-  std::string mine, summary, error;
-  try {
-    auto identity = data::dataset_identity(path);
-    mine = identity.digest;
-    summary = identity.summary();
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  // A rank that cannot read the file fails on its own below, in the loader, with the file's error.
-  const std::string reference = ctx.broadcast_string(mine, 0);
-  const std::string reference_summary = ctx.broadcast_string(summary, 0);
-  const bool differs = error.empty() && !reference.empty() && mine != reference;
-  auto reports = ctx.gather_strings(differs ? "rank " + std::to_string(ctx.rank()) + " has " + summary : "");
-  std::string message;
-  if (ctx.is_root()) {
-    for (const auto& report : reports) {
-      if (!report.empty()) message += (message.empty() ? "" : "; ") + report;
-    }
-  }
-  message = ctx.broadcast_string(message, 0);
-  if (!message.empty()) {
-    throw std::runtime_error("the ranks read different datasets at data.path=" + path + ": rank 0 has " +
-                             reference_summary + "; " + message +
-                             " (node-local copies that differ? copy the same file to every node)");
-  }
-}
-
 data::LoaderOptions loader_options(const dist::Context& ctx, const Config& config, torch::Device device,
                                    const TrainerHooks& hooks) {
   check_same_dataset(ctx, config.data.path);
@@ -181,23 +153,6 @@ dist::ReducerOptions reducer_options(const TrainConfig& t) {
 const Config& validated(const Config& config) {
   config.validate();
   return config;
-}
-
-/// Refuses a batch that cannot fit before anything is allocated (a too-large batch otherwise grows
-/// until the kernel kills the job, without a message).
-void check_training_memory(const dist::Context& ctx, const Config& config, torch::Device device) {
-  const auto& t = config.train;
-  const double bytes_per_value = t.precision == Precision::kFp32 ? 4.0 : 2.0;
-  const double activations = static_cast<double>(model::unet_activation_elements(unet_options(config.model),
-                                                                                 config.data.image_size)) *
-                             bytes_per_value * static_cast<double>(t.batch_size);
-  const double pixels = static_cast<double>(config.data.image_size * config.data.image_size * config.model.channels);
-  const double batches = (t.batch_size * pixels) * (1.0 + 4.0) * static_cast<double>(config.data.prefetch + 1);
-  require_memory(fmt::format("train.batch_size={} at {}x{} (activations for the backward pass and the loader's "
-                             "prefetched batches)",
-                             t.batch_size, config.data.image_size, config.data.image_size),
-                 activations + batches, device.is_cuda() ? 1 : ctx.local_world_size(), device,
-                 "lower train.batch_size and raise train.accumulate to keep the global batch");
 }
 
 torch::Device checked_device(const dist::Context& ctx, const Config& config) {
@@ -394,7 +349,10 @@ void Trainer::start_or_resume() {
     if (p.ctx.is_root()) std::filesystem::remove(p.run.metrics());
     return;
   }
-  auto loaded = p.checkpoints.load(p.options.resume);
+  BytesProgress reading({.label = "loading checkpoint", .enabled = p.ctx.is_root()});
+  auto loaded = p.checkpoints.load(p.options.resume,
+                                   [&](int64_t done, int64_t total) { reading.report(done, total); });
+  reading.finish();
   if (!loaded) {
     if (p.ctx.is_root()) {
       log::warn("--resume {}: no checkpoint in {}, starting from step 0", p.options.resume,
@@ -439,10 +397,13 @@ void Trainer::check_resume(const LoadedCheckpoint& loaded) {
 void Trainer::write_run_files() {
   auto& p = *parts_;
   if (!p.ctx.is_root()) return;
-  std::ofstream(p.run.config()) << p.config.to_yaml();
+  // The run's own files, replaced on every start: checked writes, temporary + rename.
+  util::write_file(p.run.config(), p.config.to_yaml(), /*overwrite=*/true);
   auto request = p.device.is_cuda() ? DeviceRequest::kCuda : DeviceRequest::kCpu;
-  std::ofstream(p.run.env()) << collect_doctor_report(p.ctx, request).to_text()
-                             << "  world size: " << p.ctx.world_size() << "\n";
+  util::write_file(p.run.env(),
+                   collect_doctor_report(p.ctx, request).to_text() + "  world size: " +
+                       std::to_string(p.ctx.world_size()) + "\n",
+                   /*overwrite=*/true);
   if (p.config.log.tensorboard) {
     // A resumed run continues in a new event file that starts after the resume step, so the
     // points a crashed attempt logged past its last checkpoint are replaced, not duplicated.
@@ -510,6 +471,23 @@ void Trainer::train_steps_for_benchmark(int64_t steps) {
   for (int64_t i = 0; i < steps; ++i) train_step();
 }
 
+namespace {
+
+/// Out of memory surfaces deep inside forward or backward with only the allocator's message; the
+/// user needs to know which rank and which setting to change.
+std::string out_of_memory_message(const Trainer::Parts& p, const std::exception& error) {
+  const auto& t = p.config.train;
+  return fmt::format(
+      "out of memory on rank {} of {} ({}) in step {} with train.batch_size={} images per rank "
+      "(train.accumulate={}, {}x{} images, precision {}): lower train.batch_size and raise train.accumulate to "
+      "keep the global batch of {}{}. The allocator said: {}",
+      p.ctx.rank(), p.ctx.world_size(), p.device.str(), p.step + 1, t.batch_size, t.accumulate,
+      p.config.data.image_size, p.config.data.image_size, to_string(t.precision), p.global_batch(),
+      t.precision == Precision::kFp32 ? ", or train with train.precision=bf16" : "", error_text(error));
+}
+
+}  // namespace
+
 void Trainer::train_step() {
   auto& p = *parts_;
   const auto& t = p.config.train;
@@ -573,16 +551,8 @@ void Trainer::train_step() {
     timer.end_step(images);
     ++p.step;
   } catch (const std::exception& error) {
-    // Out of memory surfaces deep inside forward or backward with only the allocator's message;
-    // the user needs to know which rank and which setting to change.
     if (!is_out_of_memory(error)) throw;
-    throw std::runtime_error(fmt::format(
-        "out of memory on rank {} of {} ({}) in step {} with train.batch_size={} images per rank "
-        "(train.accumulate={}, {}x{} images, precision {}): lower train.batch_size and raise train.accumulate to "
-        "keep the global batch of {}{}. The allocator said: {}",
-        p.ctx.rank(), p.ctx.world_size(), p.device.str(), p.step + 1, t.batch_size, t.accumulate,
-        p.config.data.image_size, p.config.data.image_size, to_string(t.precision), p.global_batch(),
-        t.precision == Precision::kFp32 ? ", or train with train.precision=bf16" : "", error_text(error)));
+    throw std::runtime_error(out_of_memory_message(p, error));
   }
 }
 

@@ -63,8 +63,10 @@ class Trainer {
   /// (the injected StepTimer sees each one).
   void train_steps_for_benchmark(int64_t steps);
 
+ public:
+  struct Parts;  ///< every part of a run (trainer.cpp)
+
  private:
-  struct Parts;
   std::unique_ptr<Parts> parts_;
 
   void start_or_resume();

@@ -137,5 +137,18 @@ TEST(Progress, DurationsAsHoursMinutesSeconds) {
   EXPECT_EQ(format_hms(NAN), "?");
 }
 
+TEST(BytesProgress, ShowsMebibytesOnceTheTotalIsKnown) {
+  Harness h;
+  auto options = h.options(/*live=*/false);
+  options.label = "loading checkpoint";
+  BytesProgress reading(options);
+  h.clock += 40;
+  reading.report(3 << 20, 10 << 20);  // the first report creates the line with its total
+  reading.report(10 << 20, 10 << 20);
+  reading.finish();
+  ASSERT_FALSE(h.lines.empty());
+  EXPECT_EQ(h.lines.back().rfind("loading checkpoint: 10 MiB in", 0), 0u) << h.lines.back();
+}
+
 }  // namespace
 }  // namespace diffuse::trainer
