@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <iostream>
+#include <map>
 #include <memory>
+#include <optional>
 
 #include "app/test_hooks.h"
 #include "data/hdf5_tensors.h"
@@ -53,7 +55,40 @@ struct SampleArgs {
   int64_t n = 64, steps = 50, seed = 0, batch = 16;
   double eta = 0.0;
   bool overwrite = false;
+  // Class-conditional checkpoints: --classes LIST (--n images of each, one grid row per class) or
+  // --classes-file FILE (one class per image); guidance as the reference's sampler.
+  std::string classes, classes_file;
+  double guidance = 6.0, rescaled_phi = 0.7;
 };
+
+/// The per-image classes a sample command asks for (undefined for an unconditional model), and the
+/// images per grid row; updates n for --classes-file.
+torch::Tensor sample_classes(SampleArgs& args, const trainer::LoadedModel& loaded, int64_t& per_row) {
+  const int64_t k = loaded.config.model.num_classes;
+  per_row = static_cast<int64_t>(std::ceil(std::sqrt(args.n)));
+  const bool given = !args.classes.empty() || !args.classes_file.empty();
+  if (k == 0) {
+    if (given) {
+      throw std::invalid_argument("--classes / --classes-file: " + args.ckpt +
+                                  " holds an unconditional model (model.num_classes=0); sample without them");
+    }
+    return {};
+  }
+  if (!given) {
+    throw std::invalid_argument(args.ckpt + " holds a class-conditional model (" + std::to_string(k) +
+                                " classes): give --classes all, --classes 0,3,7 or --classes-file FILE");
+  }
+  if (!args.classes_file.empty()) {
+    auto classes = trainer::read_class_file(args.classes_file, k);
+    args.n = static_cast<int64_t>(classes.size());
+    per_row = static_cast<int64_t>(std::ceil(std::sqrt(args.n)));
+    return torch::tensor(classes, torch::kInt64);
+  }
+  auto classes = trainer::parse_class_list(args.classes, k);
+  per_row = args.n;
+  args.n *= static_cast<int64_t>(classes.size());
+  return trainer::class_rows(classes, per_row);
+}
 
 std::filesystem::path sample_file(const std::string& dir, int64_t index) {
   return std::filesystem::path(dir) / fmt::format("sample-{:06d}.png", index);
@@ -81,13 +116,17 @@ void check_sample_outputs(const SampleArgs& args) {
   }
 }
 
-int run_sample(const dist::Context& ctx, const SampleArgs& args) {
-  if (args.out.empty() && args.out_dir.empty() && args.out_h5.empty()) {
+int run_sample(const dist::Context& ctx, const SampleArgs& args_in) {
+  if (args_in.out.empty() && args_in.out_dir.empty() && args_in.out_h5.empty()) {
     throw std::invalid_argument("diffuse sample: give --out grid.png, --out-dir DIR or --out-h5 FILE");
   }
-  check_sample_outputs(args);
-  auto device = command_device(ctx, args.device);
-  auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
+  check_sample_outputs(args_in);
+  auto device = command_device(ctx, args_in.device);
+  auto loaded = load_with_progress(ctx, args_in.ckpt, args_in.weights, device);
+  SampleArgs args = args_in;
+  int64_t per_row = 0;
+  auto classes = sample_classes(args, loaded, per_row);
+  if (args.n != args_in.n) check_sample_outputs(args);  // --out-dir: the files of every class's images
   int64_t c = loaded.config.model.channels, s = loaded.config.data.image_size;
   // Rank 0 gathers every image as float32 and converts them to uint8 for the outputs.
   trainer::require_memory(fmt::format("sample --n {} at {}x{}x{}", args.n, s, s, c),
@@ -96,14 +135,15 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
   auto comm = command_communicator(ctx, device);
   trainer::Progress progress({.label = "sampling", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
   trainer::SampleRequest request{.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
-                                 .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta},
+                                 .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta,
+                                             .cond_scale = args.guidance, .rescaled_phi = args.rescaled_phi},
+                                 .classes = classes,
                                  .on_progress = [&progress](int64_t images) { progress.advance(images); }};
   auto all = trainer::sample_images(*loaded.diffusion, *comm, request);
   progress.finish();
   if (ctx.is_root()) {
     if (!args.out.empty()) {
-      data::save_image_grid(args.out, all, static_cast<int64_t>(std::ceil(std::sqrt(args.n))), /*padding=*/2,
-                            args.overwrite);
+      data::save_image_grid(args.out, all, per_row, /*padding=*/2, args.overwrite);
       std::cout << "wrote " << args.out << " (" << args.n << " images, " << loaded.weights << " weights, step "
                 << loaded.step << ")\n";
     }
@@ -116,12 +156,19 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args) {
       std::cout << "wrote " << args.n << " PNGs to " << args.out_dir << "\n";
     }
     if (!args.out_h5.empty()) {
-      data::write_hdf5_tensors(args.out_h5, {{"images", hwc}},
-                               {{"step", std::to_string(loaded.step)}, {"weights", loaded.weights},
-                                {"sampler", args.sampler}, {"steps", std::to_string(args.steps)}},
-                               args.overwrite);
+      std::vector<std::pair<std::string, torch::Tensor>> tensors{{"images", hwc}};
+      std::map<std::string, std::string> attributes{{"step", std::to_string(loaded.step)},
+                                                    {"weights", loaded.weights},
+                                                    {"sampler", args.sampler},
+                                                    {"steps", std::to_string(args.steps)}};
+      if (classes.defined()) {
+        tensors.emplace_back("labels", classes);
+        attributes["guidance"] = fmt::format("{}", args.guidance);
+        attributes["rescaled_phi"] = fmt::format("{}", args.rescaled_phi);
+      }
+      data::write_hdf5_tensors(args.out_h5, tensors, attributes, args.overwrite);
       std::cout << "wrote " << args.out_h5 << " (images: uint8 [" << args.n << ", " << s << ", " << s << ", " << c
-                << "])\n";
+                << "]" << (classes.defined() ? ", labels: int64 [" + std::to_string(args.n) + "]" : "") << ")\n";
     }
   }
   return 0;
@@ -133,31 +180,48 @@ int run_export(const dist::Context& ctx, const std::string& ckpt, const std::str
   auto loaded = load_with_progress(ctx, ckpt, weights, torch::kCPU);
   std::map<std::string, std::string> metadata{
       {"format", "diffuse"},
-      {"unet_options", trainer::unet_options(loaded.config.model).to_json()},
+      {"unet_options", trainer::unet_options_json(loaded.config.model)},
       {"diffusion_options", trainer::diffusion_options(loaded.config).to_json()},
       {"step", std::to_string(loaded.step)},
       {"weights", loaded.weights},
   };
-  model::save_safetensors(out, model::state_dict(*loaded.diffusion->model), metadata, overwrite);
+  model::save_safetensors(out, model::state_dict(*loaded.diffusion->denoiser()), metadata, overwrite);
   std::cout << "wrote " << out << " (U-Net state dict, " << loaded.weights << " weights, step " << loaded.step
-            << "); in Python: Unet(...).load_state_dict(safetensors.torch.load_file('" << out << "'))\n";
+            << "); in Python: "
+            << (loaded.diffusion->conditional() ? "denoising_diffusion_pytorch.classifier_free_guidance.Unet" : "Unet")
+            << "(...).load_state_dict(safetensors.torch.load_file('" << out << "'))\n";
   return 0;
 }
 
 struct EvalArgs {
   std::string ckpt, data, weights = "ema", device = "auto";
+  std::string classes = "labels";  ///< conditional model: "labels" (each image's own) or one class K
   int64_t n = 1000, batch = 16, seed = 0;
 };
 
 int run_eval(const dist::Context& ctx, const EvalArgs& args) {
   auto device = command_device(ctx, args.device);
   auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
+  std::optional<int64_t> fixed_class;
+  if (args.classes != "labels") {
+    if (!loaded.diffusion->conditional()) {
+      throw std::invalid_argument("--classes " + args.classes + ": " + args.ckpt +
+                                  " holds an unconditional model (model.num_classes=0); evaluate without --classes");
+    }
+    auto list = trainer::parse_class_list(args.classes, loaded.diffusion->num_classes());
+    if (list.size() != 1) {
+      throw std::invalid_argument("eval --classes " + args.classes +
+                                  ": give 'labels' (each image's label) or one class K (every image conditioned on K)");
+    }
+    fixed_class = list[0];
+  }
   auto comm = command_communicator(ctx, device);
   trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
                               .enabled = ctx.is_root()});
   auto bound = trainer::evaluate_bits_per_dim(
       *loaded.diffusion, *comm,
       {.data = args.data, .n = args.n, .batch = args.batch, .seed = static_cast<uint64_t>(args.seed),
+       .fixed_class = fixed_class,
        .on_progress = [&progress](int64_t images) { progress.advance(images); }});
   progress.finish();
   if (ctx.is_root()) {
@@ -241,7 +305,8 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("sample", "Sample images from a checkpoint (ranks split the images)");
   auto args = std::make_shared<SampleArgs>();
   cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
-  cmd->add_option("--n", args->n, "Number of images")->check(positive_integer());
+  auto* n = cmd->add_option("--n", args->n, "Number of images (with --classes: of each class)")
+                ->check(positive_integer());
   cmd->add_option("--sampler", args->sampler, "ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
   cmd->add_option("--steps", args->steps, "DDIM steps (ddpm uses every timestep)")->check(positive_integer());
   cmd->add_option("--eta", args->eta, "DDIM eta (0: deterministic given the noise)");
@@ -251,7 +316,20 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--out", args->out, "Write one grid PNG");
   cmd->add_option("--out-dir", args->out_dir, "Write one PNG per image into this folder");
-  cmd->add_option("--out-h5", args->out_h5, "Write an HDF5 file with images uint8 [N,H,W,C]");
+  cmd->add_option("--out-h5", args->out_h5,
+                  "Write an HDF5 file with images uint8 [N,H,W,C] (and labels int64 [N] for a conditional model)");
+  auto* classes = cmd->add_option("--classes", args->classes,
+                                  "Conditional model: 'all' or a list such as 0,3,7; --n images of each, one grid row "
+                                  "per class");
+  cmd->add_option("--classes-file", args->classes_file,
+                  "Conditional model: a text file with one class per image (integers; the file gives --n)")
+      ->excludes(classes)
+      ->excludes(n);
+  cmd->add_option("--guidance", args->guidance,
+                  "Conditional model: classifier-free guidance scale (1: the conditional model alone; default 6)");
+  cmd->add_option("--rescaled-phi", args->rescaled_phi,
+                  "Conditional model: share of the std-rescaled guided prediction, 0..1 (default 0.7)")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--overwrite", args->overwrite, "Replace existing output files (never anything but regular files)");
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_sample(ctx, *args); }; });
 }
@@ -280,6 +358,9 @@ void add_eval_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--n", args->n, "Number of images")->check(positive_integer());
   cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
   cmd->add_option("--seed", args->seed, "Seed of the noise of the bound's terms");
+  cmd->add_option("--classes", args->classes,
+                  "Conditional model: 'labels' (default: each image's label in --data) or one class K to condition "
+                  "every image on (unguided, cond_scale 1)");
   cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_eval(ctx, *args); }; });

@@ -158,7 +158,8 @@ void add_prep_command(CLI::App& app, CommandAction& action) {
       ->check(CLI::IsMember({"none", "gzip", "lzf"}));
   cmd->add_option("--threads", args->threads, "Decoding threads (default: all cores)")->check(CLI::NonNegativeNumber);
   auto* synthetic = cmd->add_option("--synthetic", args->synthetic,
-                                    "Make a built-in procedural dataset instead of reading input: shapes")
+                                    "Make a built-in procedural dataset instead of reading input: shapes (labels: the shape), "
+                                    "red-blue (labels: 0 red, 1 blue)")
                         ->check(CLI::IsMember(data::synthetic_dataset_names()));
   cmd->add_option("--count", args->count, "--synthetic: number of images")->needs(synthetic);
   cmd->add_option("--seed", args->seed, "--synthetic: seed (the same seed gives the same images)")->needs(synthetic);

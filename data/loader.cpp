@@ -360,9 +360,27 @@ Loader::Loader(LoaderOptions options) : impl_(std::make_unique<Impl>()) {
   // Uncompressed: read exactly the requested bytes. Compressed: keep decoded chunks, since
   // neighbouring indices in a batch may share one.
   d.rows = std::make_unique<impl::ImageRows>(options.path, /*chunk_cache=*/info.compression != "none");
+  if (options.num_classes && !info.has_labels) {
+    throw std::runtime_error(file + " has no labels, but the model is class-conditional (" +
+                             std::to_string(*options.num_classes) +
+                             " classes): prepare a labelled dataset (e.g. `diffuse prep --labels-from-folders`, "
+                             "an MNIST idx labels file, `--synthetic shapes`) or train unconditionally "
+                             "(model.num_classes=0)");
+  }
   if (info.has_labels) {
     auto all = read_labels(options.path);
     d.labels.assign(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
+  }
+  if (options.num_classes) {
+    for (size_t i = 0; i < d.labels.size(); ++i) {
+      if (d.labels[i] < 0 || d.labels[i] >= *options.num_classes) {
+        throw std::runtime_error(file + ": image " + std::to_string(i) + " has label " +
+                                 std::to_string(d.labels[i]) + ", outside [0, " +
+                                 std::to_string(*options.num_classes) + ") of model.num_classes=" +
+                                 std::to_string(*options.num_classes) +
+                                 " (raise model.num_classes to the dataset's class count, or fix the labels)");
+      }
+    }
   }
   for (int v = 0; v < 256; ++v) d.to_float[v] = static_cast<float>(v) / 127.5f - 1.0f;
   // Enough for the batches in flight plus a couple the caller still holds.

@@ -49,6 +49,9 @@ struct LoaderOptions {
   /// Checked at open time against the model: image side (height and width) and channels.
   std::optional<int64_t> expected_size;
   std::optional<int64_t> expected_channels;
+  /// A class-conditional model's class count: the dataset must have labels, all in [0, num_classes)
+  /// (checked at open time, naming the file and the first offending index).
+  std::optional<int64_t> num_classes;
   /// CUDA: batches are converted into pinned host memory and copied with non_blocking on the
   /// stream current when next() is called.
   torch::Device device = torch::kCPU;

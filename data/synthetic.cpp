@@ -60,11 +60,15 @@ bool inside(Shape shape, double r, double dx, double dy) {
   return false;
 }
 
-int64_t render_shapes(uint64_t seed, int64_t index, int64_t size, uint8_t* out) {
-  impl::SplitMix rng(impl::hash_words(seed, 0x5348415045ULL /* "SHAPE" */, static_cast<uint64_t>(index)));
+// red_blue: the colour is the label (0 red, 1 blue) and the shape is free: two classes that differ
+// in one easily measured property (the mean red minus blue of an image), for conditional models.
+int64_t render_shapes(uint64_t seed, int64_t index, int64_t size, uint8_t* out, bool red_blue) {
+  impl::SplitMix rng(impl::hash_words(seed, red_blue ? 0x5245444255ULL /* "REDBU" */ : 0x5348415045ULL /* "SHAPE" */,
+                                      static_cast<uint64_t>(index)));
   const auto shape = static_cast<Shape>(rng.below(3));
   const Rgb background = kBackgrounds[rng.below(kBackgrounds.size())];
-  const Rgb colour = kColours[rng.below(kColours.size())];
+  const int64_t colour_class = red_blue ? static_cast<int64_t>(rng.below(2)) : 0;
+  const Rgb colour = red_blue ? kColours[colour_class == 0 ? 0 : 2] : kColours[rng.below(kColours.size())];
   const double r = kRadii[rng.below(kRadii.size())] * size;
   const Box box = shape_box(shape, r);
   // Centre anywhere that keeps the whole shape at least one pixel inside the image.
@@ -96,22 +100,24 @@ int64_t render_shapes(uint64_t seed, int64_t index, int64_t size, uint8_t* out) 
       p[2] = static_cast<uint8_t>(std::lround(bg.b + (colour.b - bg.b) * coverage));
     }
   }
-  return shape;
+  return red_blue ? colour_class : static_cast<int64_t>(shape);
 }
 
 }  // namespace
 
-std::vector<std::string> synthetic_dataset_names() { return {"shapes"}; }
+std::vector<std::string> synthetic_dataset_names() { return {"shapes", "red-blue"}; }
 
 std::vector<std::string> synthetic_class_names(const std::string& name) {
   if (name == "shapes") return {"circle", "square", "triangle"};
-  throw std::invalid_argument("unknown synthetic dataset '" + name + "' (known: shapes)");
+  if (name == "red-blue") return {"red", "blue"};
+  throw std::invalid_argument("unknown synthetic dataset '" + name + "' (known: shapes, red-blue)");
 }
 
 int64_t render_synthetic(const std::string& name, uint64_t seed, int64_t index, int64_t size, uint8_t* out_rgb) {
   if (size < 8) throw std::invalid_argument("synthetic images need a size of at least 8, got " + std::to_string(size));
-  if (name == "shapes") return render_shapes(seed, index, size, out_rgb);
-  throw std::invalid_argument("unknown synthetic dataset '" + name + "' (known: shapes)");
+  if (name == "shapes") return render_shapes(seed, index, size, out_rgb, /*red_blue=*/false);
+  if (name == "red-blue") return render_shapes(seed, index, size, out_rgb, /*red_blue=*/true);
+  throw std::invalid_argument("unknown synthetic dataset '" + name + "' (known: shapes, red-blue)");
 }
 
 }  // namespace diffuse::data

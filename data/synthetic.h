@@ -5,6 +5,9 @@
 // one of six saturated colours and three sizes, at a random position, on one of four pale
 // backgrounds with a vertical gradient. A trained model's samples are easy to judge by eye:
 // clean edges, flat colours, one shape of a known kind.
+//
+// "red-blue": the same pictures with a red (label 0) or blue (label 1) shape of any kind: two
+// classes told apart by colour alone, for class-conditional runs and their tests.
 #pragma once
 
 #include <cstdint>

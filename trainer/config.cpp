@@ -80,6 +80,12 @@ const std::vector<std::pair<NonfinitePolicy, const char*>>& names_of() {
   return names;
 }
 
+template <>
+const std::vector<std::pair<LossType, const char*>>& names_of() {
+  static const std::vector<std::pair<LossType, const char*>> names{{LossType::kL2, "l2"}, {LossType::kL1, "l1"}};
+  return names;
+}
+
 template <typename Enum>
 std::string name_of(Enum value) {
   for (const auto& [candidate, name] : names_of<Enum>()) {
@@ -125,6 +131,8 @@ std::vector<Field> fields_of(Config& c) {
       {"model", "attn_dim_head", &c.model.attn_dim_head},
       {"model", "full_attn", &c.model.full_attn},
       {"model", "flash_attn", &c.model.flash_attn},
+      {"model", "num_classes", &c.model.num_classes},
+      {"model", "cond_drop_prob", &c.model.cond_drop_prob},
       {"diffusion", "timesteps", &c.diffusion.timesteps},
       {"diffusion", "objective", choice(&c.diffusion.objective)},
       {"diffusion", "beta_schedule", choice(&c.diffusion.beta_schedule)},
@@ -133,6 +141,8 @@ std::vector<Field> fields_of(Config& c) {
       {"diffusion", "offset_noise_strength", &c.diffusion.offset_noise_strength},
       {"diffusion", "vlb_weight", &c.diffusion.vlb_weight},
       {"diffusion", "timestep_sampler", choice(&c.diffusion.timestep_sampler)},
+      {"diffusion", "loss_type", choice(&c.diffusion.loss_type)},
+      {"diffusion", "immiscible", &c.diffusion.immiscible},
       {"data", "path", &c.data.path},
       {"data", "image_size", &c.data.image_size},
       {"data", "random_flip", &c.data.random_flip},
@@ -479,6 +489,22 @@ void Config::validate() const {
           "model.full_attn", std::to_string(model.full_attn.size()) + " entries",
           "empty, one entry, or one per stage (" + std::to_string(model.dim_mults.size()) + ")");
 
+  require(model.num_classes >= 0, "model.num_classes", std::to_string(model.num_classes),
+          "0 (unconditional) or the number of classes of the dataset's labels");
+  require(model.cond_drop_prob >= 0 && model.cond_drop_prob <= 1, "model.cond_drop_prob",
+          std::to_string(model.cond_drop_prob), "a probability in [0, 1]");
+  if (model.num_classes > 0) {
+    // The classifier-free-guidance U-Net of the reference has none of these: refuse rather than ignore.
+    const std::string why = " (model.num_classes > 0 builds the reference's classifier-free-guidance U-Net, which "
+                            "has no such option; remove the key or set model.num_classes=0)";
+    require(!model.self_condition, "model.self_condition", "true", "false" + why);
+    require(!model.learned_variance, "model.learned_variance", "true", "false" + why);
+    require(model.dropout == 0, "model.dropout", std::to_string(model.dropout), "0" + why);
+    require(model.full_attn.empty(), "model.full_attn", std::to_string(model.full_attn.size()) + " entries",
+            "[]" + why);
+    require(!model.flash_attn, "model.flash_attn", "true", "false" + why);
+  }
+
   positive("diffusion.timesteps", diffusion.timesteps);
   require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", std::to_string(diffusion.min_snr_gamma), "> 0");
   require(diffusion.offset_noise_strength >= 0, "diffusion.offset_noise_strength",
@@ -549,6 +575,7 @@ std::string to_string(Objective value) { return name_of(value); }
 std::string to_string(BetaSchedule value) { return name_of(value); }
 std::string to_string(TimestepSamplerKind value) { return name_of(value); }
 std::string to_string(NonfinitePolicy value) { return name_of(value); }
+std::string to_string(LossType value) { return name_of(value); }
 
 std::vector<std::pair<std::string, std::string>> Config::values() const {
   auto fields = fields_of(const_cast<Config&>(*this));

@@ -27,6 +27,7 @@ enum class Objective { kPredNoise, kPredX0, kPredV };
 enum class BetaSchedule { kLinear, kCosine, kSigmoid };
 enum class TimestepSamplerKind { kUniform, kLossAware };
 enum class NonfinitePolicy { kStop, kSkip };
+enum class LossType { kL2, kL1 };
 
 std::string to_string(Precision value);
 std::string to_string(DeviceChoice value);
@@ -36,6 +37,7 @@ std::string to_string(Objective value);
 std::string to_string(BetaSchedule value);
 std::string to_string(TimestepSamplerKind value);
 std::string to_string(NonfinitePolicy value);
+std::string to_string(LossType value);
 
 struct ModelConfig {
   int64_t dim = 64;
@@ -48,6 +50,10 @@ struct ModelConfig {
   int64_t attn_dim_head = 32;
   std::vector<bool> full_attn{};  ///< empty: the reference default (full attention innermost only)
   bool flash_attn = false;
+  /// > 0: the class-conditional U-Net of the reference's classifier_free_guidance module, trained on
+  /// the dataset's labels (which must lie in [0, num_classes)); 0: the unconditional U-Net.
+  int64_t num_classes = 0;
+  double cond_drop_prob = 0.5;  ///< conditional only: share of labels replaced by the null class in training
 };
 
 struct DiffusionConfig {
@@ -59,6 +65,8 @@ struct DiffusionConfig {
   double offset_noise_strength = 0.0;
   double vlb_weight = 0.001;               ///< hybrid-loss lambda, learned variance only
   TimestepSamplerKind timestep_sampler = TimestepSamplerKind::kUniform;
+  LossType loss_type = LossType::kL2;      ///< l2 (squared error, the reference) or l1 (absolute error)
+  bool immiscible = false;                 ///< immiscible noise assignment within each batch (reference 2.3.1)
 };
 
 struct DataConfig {

@@ -20,6 +20,33 @@ BoundSummary evaluate_bits_per_dim(model::GaussianDiffusionImpl& diffusion, dist
                                 std::to_string(channels) + " channels");
   }
   const int64_t n = std::min(request.n, info.count);
+  const int64_t k = diffusion.num_classes();
+  torch::Tensor labels;  // [n] int64, conditional models only
+  if (!diffusion.conditional()) {
+    if (request.fixed_class) {
+      throw std::invalid_argument("--classes given, but the model is unconditional (model.num_classes=0)");
+    }
+  } else if (request.fixed_class) {
+    if (*request.fixed_class < 0 || *request.fixed_class >= k) {
+      throw std::invalid_argument("class " + std::to_string(*request.fixed_class) + " is outside [0, " +
+                                  std::to_string(k) + ") of this model");
+    }
+    labels = torch::full({n}, *request.fixed_class, torch::kInt64);
+  } else {
+    if (!info.has_labels) {
+      throw std::invalid_argument(request.data.string() + " has no labels, and the model is class-conditional (" +
+                                  std::to_string(k) + " classes): give --classes K to condition every image on class K");
+    }
+    labels = data::read_labels(request.data).narrow(0, 0, n).contiguous();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t label = labels.data_ptr<int64_t>()[i];
+      if (label < 0 || label >= k) {
+        throw std::invalid_argument(request.data.string() + ": image " + std::to_string(i) + " has label " +
+                                    std::to_string(label) + ", outside [0, " + std::to_string(k) +
+                                    ") of this model");
+      }
+    }
+  }
   const int64_t first = n * comm.rank() / comm.size(), last = n * (comm.rank() + 1) / comm.size();
   const auto device = diffusion.betas.device();
   auto generator = at::make_generator<at::CPUGeneratorImpl>(request.seed + static_cast<uint64_t>(comm.rank()));
@@ -29,7 +56,9 @@ BoundSummary evaluate_bits_per_dim(model::GaussianDiffusionImpl& diffusion, dist
     int64_t count = std::min(request.batch, last - i);
     auto images = data::read_images(request.data, i, count).permute({0, 3, 1, 2}).to(torch::kFloat32) / 127.5 - 1.0;
     torch::NoGradGuard no_grad;
-    auto result = diffusion.vlb_bits_per_dim(images.to(device), generator);
+    model::ClassCondition condition;
+    if (labels.defined()) condition = {labels.narrow(0, i, count).to(device), /*cond_scale=*/1.0, /*rescaled_phi=*/0.0};
+    auto result = diffusion.vlb_bits_per_dim(images.to(device), generator, /*clip_denoised=*/true, condition);
     auto total = result.total_bpd.to(torch::kCPU, torch::kFloat64);
     auto vb = result.vb_bpd.to(torch::kCPU, torch::kFloat64);
     sums[0] += total.sum();

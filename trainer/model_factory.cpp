@@ -20,6 +20,22 @@ model::UnetOptions unet_options(const ModelConfig& m) {
   return options;
 }
 
+model::ConditionalUnetOptions conditional_unet_options(const ModelConfig& m) {
+  model::ConditionalUnetOptions options;
+  options.dim = m.dim;
+  options.num_classes = m.num_classes;
+  options.cond_drop_prob = m.cond_drop_prob;
+  options.dim_mults = m.dim_mults;
+  options.channels = m.channels;
+  options.attn_heads = m.attn_heads;
+  options.attn_dim_head = m.attn_dim_head;
+  return options;
+}
+
+std::string unet_options_json(const ModelConfig& m) {
+  return m.num_classes > 0 ? conditional_unet_options(m).to_json() : unet_options(m).to_json();
+}
+
 model::DiffusionOptions diffusion_options(const Config& config) {
   model::DiffusionOptions options;
   options.image_size = config.data.image_size;
@@ -30,22 +46,29 @@ model::DiffusionOptions diffusion_options(const Config& config) {
   options.min_snr_gamma = config.diffusion.min_snr_gamma;
   options.offset_noise_strength = config.diffusion.offset_noise_strength;
   options.vlb_weight = config.diffusion.vlb_weight;
+  options.loss_type = to_string(config.diffusion.loss_type);
+  options.immiscible = config.diffusion.immiscible;
   return options;
 }
 
 model::GaussianDiffusion build_diffusion(const Config& config) {
+  if (config.model.num_classes > 0) {
+    return model::GaussianDiffusion(model::ConditionalUnet(conditional_unet_options(config.model)),
+                                    diffusion_options(config));
+  }
   return model::GaussianDiffusion(model::Unet(unet_options(config.model)), diffusion_options(config));
 }
 
 namespace {
 
 // What the weights mean: the U-Net's parameter shapes (and how its layers connect) and the
-// forward process the network was trained to invert. Dropout, flash attention and every
+// forward process the network was trained to invert. Dropout, flash attention, the condition
+// dropout (model.cond_drop_prob), the loss (diffusion.loss_type, diffusion.immiscible) and every
 // training, data, logging and sampling key can change between a run and its resume.
 bool defines_the_model(const std::string& key) {
   static const std::vector<std::string> keys{
       "model.dim",           "model.dim_mults",        "model.channels",      "model.self_condition",
-      "model.learned_variance", "model.attn_heads",    "model.attn_dim_head", "model.full_attn",
+      "model.learned_variance", "model.attn_heads",    "model.attn_dim_head", "model.full_attn",     "model.num_classes",
       "diffusion.timesteps", "diffusion.beta_schedule", "diffusion.objective"};
   return std::find(keys.begin(), keys.end(), key) != keys.end();
 }

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "model/conditional_unet.h"
 #include "model/diffusion.h"
 #include "model/unet.h"
 #include "trainer/config.h"
@@ -16,10 +17,16 @@
 namespace diffuse::trainer {
 
 model::UnetOptions unet_options(const ModelConfig& model);
+/// The class-conditional U-Net's options (model.num_classes > 0); Config::validate() has refused the
+/// keys it lacks (self_condition, learned_variance, dropout, full_attn, flash_attn).
+model::ConditionalUnetOptions conditional_unet_options(const ModelConfig& model);
+/// The options of whichever U-Net the config builds, as JSON (checkpoint and export metadata).
+std::string unet_options_json(const ModelConfig& model);
 /// The diffusion the config trains. Sampling settings (log.sample_steps) are not part of it: they
 /// are passed to each sampling call.
 model::DiffusionOptions diffusion_options(const Config& config);
-/// The U-Net and diffusion the configuration describes (on CPU, fp32).
+/// The U-Net (conditional when model.num_classes > 0) and diffusion the configuration describes
+/// (on CPU, fp32).
 model::GaussianDiffusion build_diffusion(const Config& config);
 
 /// One configuration key whose value differs.

@@ -3,6 +3,10 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
 #include "model/state_dict.h"
 #include "trainer/checkpoint.h"
 #include "trainer/model_factory.h"
@@ -19,17 +23,111 @@ LoadedModel load_model(const std::filesystem::path& checkpoint_path, const std::
   loaded.warnings = checkpoint.warnings;
   loaded.diffusion = build_diffusion(loaded.config);
   std::vector<std::string> names;
-  for (const auto& item : loaded.diffusion->model->named_parameters()) names.push_back(item.key());
+  for (const auto& item : loaded.diffusion->denoiser()->named_parameters()) names.push_back(item.key());
   auto weights = model_weights(checkpoint, loaded.config, which, names);
   loaded.weights = weights.label;
-  model::load_state_dict(*loaded.diffusion->model, weights.tensors);
+  model::load_state_dict(*loaded.diffusion->denoiser(), weights.tensors);
   loaded.diffusion->to(device);
   loaded.diffusion->eval();
   return loaded;
 }
 
+torch::Tensor class_rows(const std::vector<int64_t>& classes, int64_t per_class) {
+  std::vector<int64_t> labels;
+  for (auto label : classes) labels.insert(labels.end(), static_cast<size_t>(per_class), label);
+  return torch::tensor(labels, torch::kInt64);
+}
+
+namespace {
+
+int64_t parse_class(const std::string& text, int64_t num_classes, const std::string& where) {
+  size_t used = 0;
+  int64_t value = -1;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (text.empty() || used != text.size()) {
+    throw std::invalid_argument(where + ": '" + text + "' is not a class number (expected integers in [0, " +
+                                std::to_string(num_classes) + "))");
+  }
+  if (value < 0 || value >= num_classes) {
+    throw std::invalid_argument(where + ": class " + text + " is outside [0, " + std::to_string(num_classes) +
+                                ") of this model (model.num_classes=" + std::to_string(num_classes) + ")");
+  }
+  return value;
+}
+
+}  // namespace
+
+std::vector<int64_t> parse_class_list(const std::string& spec, int64_t num_classes) {
+  std::vector<int64_t> classes;
+  if (spec == "all") {
+    for (int64_t k = 0; k < num_classes; ++k) classes.push_back(k);
+    return classes;
+  }
+  std::stringstream in(spec);
+  for (std::string item; std::getline(in, item, ',');) {
+    classes.push_back(parse_class(item, num_classes, "--classes " + spec));
+  }
+  if (classes.empty()) throw std::invalid_argument("--classes: give 'all' or a list such as 0,3,7");
+  return classes;
+}
+
+std::vector<int64_t> read_class_file(const std::filesystem::path& path, int64_t num_classes) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument("--classes-file " + path.string() + ": cannot read it");
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string all = text.str();
+  std::replace(all.begin(), all.end(), ',', ' ');
+  std::stringstream words(all);
+  std::vector<int64_t> classes;
+  for (std::string word; words >> word;) {
+    classes.push_back(parse_class(word, num_classes,
+                                  "--classes-file " + path.string() + " entry " + std::to_string(classes.size() + 1)));
+  }
+  if (classes.empty()) {
+    throw std::invalid_argument("--classes-file " + path.string() + " holds no classes (one integer per image)");
+  }
+  return classes;
+}
+
+namespace {
+
+void check_classes(const model::GaussianDiffusionImpl& diffusion, const SampleRequest& request) {
+  if (!diffusion.conditional()) {
+    if (request.classes.defined()) {
+      throw std::invalid_argument("classes given, but the model is unconditional (model.num_classes=0): sample "
+                                  "without classes");
+    }
+    return;
+  }
+  const int64_t k = diffusion.num_classes();
+  if (!request.classes.defined()) {
+    throw std::invalid_argument("the model is class-conditional (" + std::to_string(k) +
+                                " classes): give the classes to sample (e.g. --classes all)");
+  }
+  if (request.classes.dim() != 1 || request.classes.size(0) != request.n) {
+    throw std::invalid_argument("classes: expected one per image (" + std::to_string(request.n) + "), got " +
+                                std::to_string(request.classes.numel()));
+  }
+  auto labels = request.classes.to(torch::kCPU, torch::kInt64).contiguous();
+  for (int64_t i = 0; i < labels.numel(); ++i) {
+    const int64_t label = labels.data_ptr<int64_t>()[i];
+    if (label < 0 || label >= k) {
+      throw std::invalid_argument("class " + std::to_string(label) + " (image " + std::to_string(i) +
+                                  ") is outside [0, " + std::to_string(k) + ") of this model");
+    }
+  }
+}
+
+}  // namespace
+
 torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
                             const SampleRequest& request) {
+  check_classes(diffusion, request);
   const int64_t c = diffusion.channels(), s = diffusion.options().image_size;
   const int64_t world = comm.size(), rank = comm.rank();
   const int64_t per_rank = (request.n + world - 1) / world;
@@ -44,7 +142,15 @@ torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Commu
     auto generator = at::make_generator<at::CPUGeneratorImpl>(request.seed * 1000003ULL +
                                                                static_cast<uint64_t>(global_first) + 1);
     torch::NoGradGuard no_grad;
-    auto images = diffusion.sample_from(mine.narrow(0, first, count).to(device), request.options, generator);
+    torch::Tensor classes;
+    if (request.classes.defined()) {
+      // Images past n (the last rank's padding) take class 0; they are dropped below.
+      auto padded = torch::cat({request.classes.to(torch::kInt64).cpu(),
+                                torch::zeros({per_rank * world - request.n}, torch::kInt64)});
+      classes = padded.narrow(0, global_first, count).to(device);
+    }
+    auto images =
+        diffusion.sample_from(mine.narrow(0, first, count).to(device), request.options, generator, classes);
     chunks.push_back(images.clamp(0, 1).contiguous());
     if (request.on_progress) request.on_progress(std::min(count * world, request.n));
   }

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "dist/communicator.h"
 #include "model/diffusion.h"
@@ -38,16 +39,31 @@ struct SampleRequest {
   int64_t n = 64;
   uint64_t seed = 0;
   int64_t batch = 16;  ///< images per forward pass on each rank
-  model::SampleOptions options;
+  model::SampleOptions options;  ///< cond_scale / rescaled_phi: the guidance of a conditional model
+  /// A class-conditional model: image i's class, int64 [n] in [0, num_classes) (see class_rows);
+  /// must be undefined for an unconditional one.
+  torch::Tensor classes;
   /// Called on every rank after each of its chunks with the images that chunk made on all ranks
   /// together (for a progress line on rank 0).
   std::function<void(int64_t images)> on_progress;
 };
 
+/// Labels for a grid with one row per class: `per_class` images of class 0, then of class 1, ...
+/// int64 [classes.size() * per_class] on the CPU.
+torch::Tensor class_rows(const std::vector<int64_t>& classes, int64_t per_class);
+
+/// `--classes`: "all" (0 .. num_classes-1) or a comma-separated list such as "0,3,7". Throws
+/// std::invalid_argument naming the entry that is not an integer or lies outside [0, num_classes).
+std::vector<int64_t> parse_class_list(const std::string& spec, int64_t num_classes);
+/// `--classes-file`: one class per image, integers separated by white space, commas or new lines.
+/// Throws naming the file and the entry (1-based) that is bad, or an empty file.
+std::vector<int64_t> read_class_file(const std::filesystem::path& path, int64_t num_classes);
+
 /// Samples `request.n` images, each rank its share, and returns all of them on every rank, on the
 /// CPU, in [0, 1], [n, C, H, W]. Image i's initial noise comes from one seeded CPU stream and each
 /// chunk's sampler noise is keyed by its first image's index, so the images do not depend on the
-/// number of ranks.
+/// number of ranks. Throws std::invalid_argument when the classes do not fit the model (missing for
+/// a conditional one, given to an unconditional one, wrong count or out of range).
 torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
                             const SampleRequest& request);
 

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <numeric>
 #include <csignal>
 #include <fstream>
 #include <iostream>
@@ -137,6 +138,7 @@ data::LoaderOptions loader_options(const dist::Context& ctx, const Config& confi
   o.prefetch_batches = static_cast<int>(config.data.prefetch);
   o.expected_size = config.data.image_size;
   o.expected_channels = config.model.channels;
+  if (config.model.num_classes > 0) o.num_classes = config.model.num_classes;
   o.device = device;
   o.before_batch_hook = hooks.before_batch;
   return o;
@@ -228,14 +230,14 @@ struct Trainer::Parts {
 
   std::vector<std::string> parameter_names() const {
     std::vector<std::string> out;
-    for (const auto& item : diffusion->model->named_parameters()) out.push_back(item.key());
+    for (const auto& item : diffusion->denoiser()->named_parameters()) out.push_back(item.key());
     return out;
   }
   std::vector<torch::Tensor> on_device_parameters() {
     diffusion->to(device);
     ema_diffusion->to(device);
     ema_diffusion->eval();
-    auto tensors = diffusion->model->parameters();
+    auto tensors = diffusion->denoiser()->parameters();
     dist::broadcast_tensors(tensors, *comm, 0);  // every rank starts from rank 0's weights
     return tensors;
   }
@@ -510,7 +512,9 @@ void Trainer::train_step() {
       torch::Tensor losses;
       {
         AutocastScope autocast(p.device, t.precision);
-        losses = p.diffusion->training_losses(x, draw.t, noise, p.generator);
+        // Labels condition only a conditional model (an unconditional one refuses them).
+        losses = p.diffusion->training_losses(x, draw.t, noise, p.generator,
+                                              p.diffusion->conditional() ? batch.labels : torch::Tensor());
       }
       auto loss = (losses.to(torch::kFloat32) * draw.weights).mean() / static_cast<double>(t.accumulate);
       timer.end_phase(StepPhase::kForward);
@@ -635,17 +639,25 @@ void Trainer::sample_grid() {
   auto& p = *parts_;
   {
     torch::NoGradGuard no_grad;
-    auto targets = p.ema_diffusion->model->parameters();
+    auto targets = p.ema_diffusion->denoiser()->parameters();
     p.ema.copy_to(targets, 0);
   }
   // Fixed noise, so the grids of successive steps are comparable.
   SampleRequest request{.n = p.config.log.num_samples, .seed = static_cast<uint64_t>(p.config.log.sample_seed),
                         .batch = p.config.log.num_samples,
                         .options = {.sampler = "ddim", .steps = p.config.log.sample_steps, .eta = 0.0}};
+  auto per_row = static_cast<int64_t>(std::ceil(std::sqrt(request.n)));
+  if (const int64_t k = p.config.model.num_classes; k > 0) {
+    // One row per class (guided with the sampler's default scale), log.num_samples / k per row.
+    per_row = std::max<int64_t>(1, request.n / k);
+    std::vector<int64_t> all(static_cast<size_t>(k));
+    std::iota(all.begin(), all.end(), 0);
+    request.classes = class_rows(all, per_row);
+    request.n = request.batch = per_row * k;
+  }
   auto images = sample_images(*p.ema_diffusion, *p.comm, request);
   if (p.ctx.is_root()) {
-    data::save_image_grid(p.run.sample_grid(p.step), images, static_cast<int64_t>(std::ceil(std::sqrt(request.n))),
-                          /*padding=*/2, /*overwrite=*/true);
+    data::save_image_grid(p.run.sample_grid(p.step), images, per_row, /*padding=*/2, /*overwrite=*/true);
     if (p.tensorboard) p.tensorboard->add_image("samples", util::read_file(p.run.sample_grid(p.step)), p.step);
     log::info("sample grid: {}", p.run.sample_grid(p.step).string());
   }
@@ -672,7 +684,7 @@ void Trainer::save_checkpoint() {
     contents.config_yaml = p.config.to_yaml();
     contents.metadata["elapsed_seconds"] = fmt::format("{:.3f}", p.elapsed_before);
     contents.metadata["samples_seen"] = std::to_string(p.loader.state().samples_seen);
-    contents.metadata["unet_options"] = unet_options(p.config.model).to_json();
+    contents.metadata["unet_options"] = unet_options_json(p.config.model);
     contents.metadata["diffusion_options"] = diffusion_options(p.config).to_json();
     contents.metadata["diffuse_version"] = std::string(DIFFUSE_VERSION) + "+" + git_hash();
     auto saved = p.checkpoints.save(contents);

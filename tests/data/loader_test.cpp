@@ -314,6 +314,31 @@ TEST(Loader, RestoreWithAnotherWorldSizeContinuesTheGlobalStream) {
   check_world_size_change(4, 1, 4, 5, 11);  // 1 rank -> 5 ranks, from 44: 20 per step, then epoch 1
 }
 
+TEST(Loader, ClassConditionalNeedsLabelsInRange) {
+  TempDir dir;
+  // Fixture labels are (7 i) mod 10: 0, 7, 4, 1, 8, ...; with 7 classes image 1 (label 7) is the first bad one.
+  auto labelled = write_fixture(dir / "labelled.h5", 8, 2, 2, 1);
+  auto options = options_for(labelled, 4, 0, 1, 0);
+  options.num_classes = 7;
+  std::string message = open_error(options);
+  EXPECT_NE(message.find("labelled.h5"), std::string::npos) << message;
+  EXPECT_NE(message.find("image 1 has label 7, outside [0, 7)"), std::string::npos) << message;
+  options.num_classes = 10;
+  Loader loader(options);
+  auto batch = loader.next();
+  ASSERT_TRUE(batch.labels.defined());
+  auto indices = as_vector(batch.indices);
+  auto labels = as_vector(batch.labels);
+  for (size_t m = 0; m < indices.size(); ++m) EXPECT_EQ(labels[m], fixture_label(indices[m]));
+
+  auto bare = write_fixture(dir / "unlabelled.h5", 8, 2, 2, 1, /*labels=*/false);
+  auto unlabelled = options_for(bare, 4, 0, 1, 0);
+  unlabelled.num_classes = 2;
+  message = open_error(unlabelled);
+  EXPECT_NE(message.find("unlabelled.h5"), std::string::npos) << message;
+  EXPECT_NE(message.find("has no labels, but the model is class-conditional"), std::string::npos) << message;
+}
+
 TEST(Loader, OpenTimeErrorsNameTheFileAndTheProblem) {
   TempDir dir;
   auto good = write_fixture(dir / "good.h5", 10, 8, 8, 1);

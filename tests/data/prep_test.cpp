@@ -586,6 +586,28 @@ TEST(Synthetic, LabelsAreTheShapesDrawn) {
   for (int c = 0; c < 3; ++c) EXPECT_GT(per_class[c], n / 5) << "class " << c;
 }
 
+TEST(Synthetic, RedBlueLabelsAreTheColour) {
+  // Label 0: a red shape (red well above blue inside it), label 1: a blue one; both classes common.
+  const int64_t size = 24, n = 200;
+  std::vector<int> per_class(2, 0);
+  std::vector<uint8_t> rgb(size * size * 3);
+  EXPECT_EQ(synthetic_class_names("red-blue"), (std::vector<std::string>{"red", "blue"}));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t label = render_synthetic("red-blue", 5, i, size, rgb.data());
+    ASSERT_TRUE(label == 0 || label == 1) << label;
+    ++per_class[label];
+    double red_minus_blue = 0;  // over the pixels of the shape (strongly saturated ones)
+    for (int64_t k = 0; k < size * size; ++k) {
+      const int r = rgb[k * 3], b = rgb[k * 3 + 2];
+      if (std::abs(r - b) > 100) red_minus_blue += r - b;
+    }
+    if (label == 0) EXPECT_GT(red_minus_blue, 0) << "image " << i;
+    if (label == 1) EXPECT_LT(red_minus_blue, 0) << "image " << i;
+  }
+  EXPECT_GT(per_class[0], n / 3);
+  EXPECT_GT(per_class[1], n / 3);
+}
+
 TEST(Synthetic, GreyAndBadOptions) {
   TempDir dir;
   PrepOptions options;

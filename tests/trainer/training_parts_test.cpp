@@ -16,6 +16,7 @@
 #include "trainer/nonfinite_guard.h"
 #include "trainer/optimization.h"
 #include "trainer/run_directory.h"
+#include "trainer/sampling.h"
 #include "trainer/timestep_sampler.h"
 
 namespace diffuse::trainer {
@@ -85,7 +86,10 @@ TEST(Config, BadValuesFailValidationByName) {
                                          {"ema.decay=1.5", "ema.decay"},
                                          {"model.channels=2", "model.channels"},
                                          {"train.lr=-1", "train.lr"},
-                                         {"log.sample_steps=5000", "log.sample_steps"}}) {
+                                         {"log.sample_steps=5000", "log.sample_steps"},
+                                         {"diffusion.loss_type=huber", "diffusion.loss_type"},
+                                         {"model.num_classes=-1", "model.num_classes"},
+                                         {"model.cond_drop_prob=1.5", "model.cond_drop_prob"}}) {
     Config config;
     config.data.path = "x.h5";
     // Choices are checked when read, ranges when validated: either way the key is named.
@@ -522,6 +526,76 @@ TEST(ModelFactory, SamplingStepsAreNotPartOfTheDiffusion) {
   config.apply_override("log.sample_steps=7");
   EXPECT_FALSE(diffusion_options(config).sampling_timesteps.has_value());
   EXPECT_EQ(diffusion_options(config).objective, "pred_v");
+}
+
+TEST(ModelFactory, LossTypeAndImmiscibleReachTheDiffusion) {
+  Config config;
+  EXPECT_EQ(diffusion_options(config).loss_type, "l2");
+  EXPECT_FALSE(diffusion_options(config).immiscible);
+  config.apply_override("diffusion.loss_type=l1");
+  config.apply_override("diffusion.immiscible=true");
+  EXPECT_EQ(diffusion_options(config).loss_type, "l1");
+  EXPECT_TRUE(diffusion_options(config).immiscible);
+  EXPECT_EQ(Config::from_yaml(config.to_yaml()), config);
+}
+
+TEST(ModelFactory, NumClassesBuildsTheConditionalUnet) {
+  Config config;
+  config.data.path = "x.h5";
+  config.data.image_size = 16;
+  for (const char* set : {"model.dim=8", "model.dim_mults=[1, 2]", "model.num_classes=3", "model.cond_drop_prob=0.2",
+                          "model.attn_heads=2", "model.attn_dim_head=8"}) {
+    config.apply_override(set);
+  }
+  config.validate();
+  auto diffusion = build_diffusion(config);
+  ASSERT_TRUE(diffusion->conditional());
+  EXPECT_EQ(diffusion->num_classes(), 3);
+  EXPECT_EQ(diffusion->conditional_model->options().cond_drop_prob, 0.2);
+  EXPECT_EQ(diffusion->conditional_model->options().attn_heads, 2);
+  EXPECT_NE(unet_options_json(config.model).find("\"num_classes\""), std::string::npos);
+  EXPECT_FALSE(build_diffusion(Config{})->conditional());
+  // Keys the conditional U-Net lacks are refused by name, not ignored.
+  for (const char* set : {"model.self_condition=true", "model.learned_variance=true", "model.dropout=0.1",
+                          "model.full_attn=[true]", "model.flash_attn=true"}) {
+    Config bad = config;
+    bad.apply_override(set);
+    auto key = std::string(set).substr(0, std::string(set).find('='));
+    auto message = error_of([&] { bad.validate(); });
+    EXPECT_NE(message.find(key), std::string::npos) << set << ": " << message;
+    EXPECT_NE(message.find("model.num_classes"), std::string::npos) << message;
+  }
+}
+
+TEST(ResumeVerdict, ClassCountDefinesTheModelTheLossDoesNot) {
+  Config saved;
+  saved.apply_override("model.num_classes=2");
+  Config current = saved;
+  for (const char* set : {"model.cond_drop_prob=0.1", "diffusion.loss_type=l1", "diffusion.immiscible=true"}) {
+    current.apply_override(set);
+  }
+  auto verdict = compare_for_resume(saved, current);
+  EXPECT_TRUE(verdict.refused.empty());
+  EXPECT_EQ(verdict.allowed.size(), 3u);
+  current.apply_override("model.num_classes=3");
+  verdict = compare_for_resume(saved, current);
+  ASSERT_EQ(verdict.refused.size(), 1u);
+  EXPECT_EQ(verdict.refused[0].key, "model.num_classes");
+}
+
+TEST(Sampling, ClassListsAndFiles) {
+  EXPECT_EQ(parse_class_list("all", 3), (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(parse_class_list("0,2,2", 3), (std::vector<int64_t>{0, 2, 2}));
+  EXPECT_NE(error_of([] { parse_class_list("0,3", 3); }).find("class 3 is outside [0, 3)"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_class_list("0,,1", 3); }).find("'' is not a class number"), std::string::npos);
+  EXPECT_NE(error_of([] { parse_class_list("1x", 3); }).find("'1x' is not a class number"), std::string::npos);
+  EXPECT_TRUE(torch::equal(class_rows({2, 0}, 2), torch::tensor({2, 2, 0, 0}, torch::kInt64)));
+  TempDir dir;
+  std::ofstream(dir / "c.txt") << "1 0,\n2\n";
+  EXPECT_EQ(read_class_file(dir / "c.txt", 3), (std::vector<int64_t>{1, 0, 2}));
+  std::ofstream(dir / "empty.txt") << "\n";
+  EXPECT_NE(error_of([&] { read_class_file(dir / "empty.txt", 3); }).find("holds no classes"), std::string::npos);
+  EXPECT_NE(error_of([&] { read_class_file(dir / "missing.txt", 3); }).find("missing.txt"), std::string::npos);
 }
 
 // ---------------------------------------------------------------------------------------------
