@@ -39,6 +39,41 @@ std::pair<int64_t, int64_t> rank_share(int64_t n, int rank, int size) {
   return {n * rank / size, n * (rank + 1) / size};
 }
 
+FeatureSummary summarize_features(FeatureNetwork& network, dist::Communicator& comm, int64_t n, int64_t keep,
+                                  int64_t batch, const std::function<torch::Tensor(int64_t, int64_t)>& images,
+                                  const std::function<void(int64_t)>& on_progress) {
+  // Items [k batch, (k + 1) batch) form batch k on any number of ranks, and each rank runs its
+  // share of whole batches: the network sees the same batches, so its (float32) features are
+  // the same bits whatever the rank count, and only the float64 sums' order differs.
+  const int64_t batches = (n + batch - 1) / batch;
+  auto [first_batch, last_batch] = rank_share(batches, comm.rank(), comm.size());
+  FeatureAccumulator accumulator(network.info().dimension);
+  // Kept features at their index, zero elsewhere: summed over ranks, every row comes from exactly
+  // one rank, so the gathered features are exact and do not depend on the rank count.
+  int64_t m = std::min(n, keep);
+  auto kept = torch::zeros({m, network.info().dimension}, torch::kFloat64);
+  const int64_t steps = (batches + comm.size() - 1) / comm.size();
+  for (int64_t step = 0; step < steps; ++step) {
+    // Every rank takes part in every progress call; a rank past its share computes nothing.
+    int64_t k = first_batch + step;
+    int64_t begin = k < last_batch ? k * batch : 0, end = k < last_batch ? std::min(begin + batch, n) : 0;
+    if (end > begin) {
+      auto f = network.features(images(begin, end));
+      accumulator.add(f);
+      if (begin < m) kept.slice(0, begin, std::min(end, m)).copy_(f.slice(0, 0, std::min(end, m) - begin));
+    }
+    if (on_progress) {
+      auto total = torch::tensor({end - begin}, torch::kInt64).to(comm.device());
+      comm.all_reduce(total, dist::ReduceOp::kSum);
+      on_progress(total.cpu().item<int64_t>());
+    }
+  }
+  auto statistics = accumulator.reduce(comm);
+  auto all_kept = kept.to(comm.device());
+  comm.all_reduce(all_kept, dist::ReduceOp::kSum);
+  return {.statistics = statistics, .kept = all_kept.cpu()};
+}
+
 ReferenceStatistics compute_reference_statistics(FeatureNetwork& network, dist::Communicator& comm,
                                                  const StatsRequest& request) {
   auto identity = data::dataset_identity(request.data);
@@ -47,54 +82,41 @@ ReferenceStatistics compute_reference_statistics(FeatureNetwork& network, dist::
     throw std::invalid_argument("stats: " + request.data.string() + " has " + std::to_string(identity.count) +
                                 " images; the statistics need at least 2");
   }
-  auto [first, last] = rank_share(n, comm.rank(), comm.size());
-  FeatureAccumulator accumulator(network.info().dimension);
-  // Per-image SHA-256 (hex) at its index, zero elsewhere: summed over ranks, every row comes from
-  // exactly one rank, so the content hash does not depend on the rank count.
+  // Per-image SHA-256 (hex) at its index, zero elsewhere, summed over ranks like the features.
   auto digests = torch::zeros({n, 64}, torch::kUInt8);
-  int64_t steps = (n + request.batch * comm.size() - 1) / (request.batch * comm.size());
-  for (int64_t step = 0; step < steps; ++step) {
-    // Every rank takes part in every progress call; a rank past its share reads nothing.
-    int64_t begin = std::min(first + step * request.batch, last), end = std::min(begin + request.batch, last);
-    int64_t done = 0;
-    if (end > begin) {
-      auto images = data::read_images(request.data, begin, end - begin);  // [b, H, W, C] uint8
-      for (int64_t i = 0; i < images.size(0); ++i) {
-        auto image = images[i].contiguous();
-        auto hex = util::sha256_hex(std::string_view(static_cast<const char*>(image.data_ptr()),
-                                                     static_cast<size_t>(image.numel())));
-        std::memcpy(digests[begin + i].data_ptr(), hex.data(), 64);
-      }
-      accumulator.add(network.features(images.permute({0, 3, 1, 2}).to(torch::kFloat32) / 255.0));
-      done = end - begin;
+  auto read = [&](int64_t begin, int64_t end) {
+    auto images = data::read_images(request.data, begin, end - begin);  // [b, H, W, C] uint8
+    for (int64_t i = 0; i < images.size(0); ++i) {
+      auto image = images[i].contiguous();
+      auto hex = util::sha256_hex(
+          std::string_view(static_cast<const char*>(image.data_ptr()), static_cast<size_t>(image.numel())));
+      std::memcpy(digests[begin + i].data_ptr(), hex.data(), 64);
     }
-    if (request.on_progress) {
-      auto total = torch::tensor({done}, torch::kInt64).to(comm.device());
-      comm.all_reduce(total, dist::ReduceOp::kSum);
-      request.on_progress(total.cpu().item<int64_t>());
-    }
-  }
-  auto statistics = accumulator.reduce(comm);
+    return images.permute({0, 3, 1, 2}).to(torch::kFloat32) / 255.0;
+  };
+  auto summary = summarize_features(network, comm, n, kKeptFeatures, request.batch, read, request.on_progress);
   auto all_digests = digests.to(comm.device());
   comm.all_reduce(all_digests, dist::ReduceOp::kSum);
   all_digests = all_digests.cpu().contiguous();
   auto content = util::sha256_hex(std::string_view(static_cast<const char*>(all_digests.data_ptr()),
                                                    static_cast<size_t>(all_digests.numel())));
-  return {.statistics = statistics,
+  return {.statistics = summary.statistics,
           .features_name = network.info().name,
           .features_sha256 = network.info().sha256,
           .dataset_path = request.data.string(),
           .dataset_count = identity.count,
           .dataset_identity = identity.digest,
           .content_sha256 = content,
-          .n = n};
+          .n = n,
+          .features = summary.kept};
 }
 
 void write_reference_statistics(const std::filesystem::path& path, const ReferenceStatistics& stats, bool overwrite) {
   data::write_hdf5_tensors(path,
                            {{"mean", stats.statistics.mean},
                             {"covariance", stats.statistics.covariance},
-                            {"count", torch::tensor(stats.statistics.count, torch::kInt64)}},
+                            {"count", torch::tensor(stats.statistics.count, torch::kInt64)},
+                            {"features", stats.features.to(torch::kFloat32)}},
                            {{"kind", "diffuse reference statistics"},
                             {"features_name", stats.features_name},
                             {"features_sha256", stats.features_sha256},
@@ -136,6 +158,7 @@ ReferenceStatistics read_reference_statistics(const std::filesystem::path& path)
   stats.dataset_identity = attribute("dataset_identity");
   stats.content_sha256 = attribute("content_sha256");
   stats.n = std::stoll(attribute("n"));
+  stats.features = get("features").to(torch::kFloat64);
   return stats;
 }
 

@@ -40,9 +40,27 @@ class FeatureAccumulator {
   int64_t count_ = 0;
 };
 
-/// The first and one-past-last index of this rank's contiguous share of n items (the split
-/// `eval` uses for the bound and the features).
+/// The first and one-past-last index of this rank's contiguous share of n items (the split of the
+/// feature batches, and of the bound's images in `eval`).
 std::pair<int64_t, int64_t> rank_share(int64_t n, int rank, int size);
+
+/// Features of n items split over ranks: their statistics, and the first `keep` features.
+struct FeatureSummary {
+  GaussianStatistics statistics;
+  torch::Tensor kept;  ///< features of items [0, min(n, keep)), [m, D] float64, on every rank
+};
+
+/// Runs `network` on items [0, n) in batches [k batch, (k + 1) batch), each rank its rank_share of
+/// the batches (so every batch, and its features, is the same on any number of ranks);
+/// `images(begin, end)` gives items [begin, end) as float [b, C, H, W] in [0, 1]. Reduces the
+/// sums and the kept features over `comm` (collective; the result does not depend on the rank
+/// count). `on_progress` gets the items of each step on all ranks together.
+FeatureSummary summarize_features(FeatureNetwork& network, dist::Communicator& comm, int64_t n, int64_t keep,
+                                  int64_t batch, const std::function<torch::Tensor(int64_t, int64_t)>& images,
+                                  const std::function<void(int64_t)>& on_progress = {});
+
+/// How many features the stats file and `eval` keep for KID and precision/recall.
+inline constexpr int64_t kKeptFeatures = 10000;
 
 struct StatsRequest {
   std::filesystem::path data;  ///< HDF5 dataset (diffuse prep)
@@ -60,6 +78,7 @@ struct ReferenceStatistics {
   std::string dataset_identity;        ///< data::DatasetIdentity::digest of the file
   std::string content_sha256;          ///< SHA-256 of the per-image SHA-256s of the n images read, in order
   int64_t n = 0;                       ///< images used
+  torch::Tensor features;              ///< the first min(n, kKeptFeatures) features [m, D] (KID, precision/recall)
 };
 
 /// Reads this rank's share of the first n images, runs `network` and reduces (collective).
@@ -67,7 +86,7 @@ struct ReferenceStatistics {
 ReferenceStatistics compute_reference_statistics(FeatureNetwork& network, dist::Communicator& comm,
                                                  const StatsRequest& request);
 
-/// Writes mean, covariance and count with the provenance as root attributes (HDF5, readable with
+/// Writes mean, covariance, count and the kept features (float32) with the provenance as root attributes (HDF5, readable with
 /// h5py: f["mean"], f["covariance"], f.attrs["features_sha256"]).
 void write_reference_statistics(const std::filesystem::path& path, const ReferenceStatistics& stats,
                                 bool overwrite = false);

@@ -107,6 +107,7 @@ TEST(FeatureStatistics, ReferenceStatisticsAndFidDoNotDependOnTheRankCount) {
   EXPECT_EQ(ref.n, 37);
   EXPECT_EQ(ref.dataset_count, 37);
   EXPECT_EQ(ref.features_sha256, net.info().sha256);
+  EXPECT_EQ(ref.features.sizes(), (std::vector<int64_t>{37, 8}));
   // One process, every image in one batch, the same sums: what a 1-rank run makes.
   auto local_statistics = [&](const fs::path& file) {
     auto all = data::read_images(file, 0, data::read_dataset_info(file).count);
@@ -116,6 +117,8 @@ TEST(FeatureStatistics, ReferenceStatisticsAndFidDoNotDependOnTheRankCount) {
   auto images = data::read_images(data, 0, 37);
   auto local = local_statistics(data);
   testing::expect_allclose(ref.statistics.mean, local.mean, 1e-12, 1e-14, "mean");
+  auto all_features = net.features(images.permute({0, 3, 1, 2}).to(torch::kFloat32) / 255.0);
+  testing::expect_allclose(ref.features, all_features, 1e-6, 1e-7, "kept features");
   testing::expect_allclose(ref.statistics.covariance, local.covariance, 1e-9, 1e-14, "covariance");
   auto other = make_dataset(dir, "other.h5", 40, 12, 1, 8, /*max_value=*/100);  // darker, grey
   auto other_stats = compute_reference_statistics(net, *comm, {.data = other, .batch = 4}).statistics;
@@ -154,6 +157,7 @@ TEST(FeatureStatistics, FileRoundTripsAndRefusesAnotherNetworkOrDataset) {
   EXPECT_EQ(back.content_sha256, ref.content_sha256);
   EXPECT_EQ(back.dataset_identity, ref.dataset_identity);
   EXPECT_EQ(back.n, 20);
+  testing::expect_allclose(back.features, ref.features, 1e-7, 1e-7, "features (stored as float32)");
   EXPECT_NO_THROW(check_reference_statistics(back, path, net.info(), data::dataset_identity(data)));
   auto message = testing::error_of([&] { check_reference_statistics(back, path, other_net.info()); });
   EXPECT_NE(message.find("made with another feature network"), std::string::npos) << message;
