@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "app/test_hooks.h"
+#include "data/dataset_identity.h"
 #include "data/hdf5_tensors.h"
 #include "data/image_io.h"
 #include "dist/communicator.h"
@@ -17,13 +18,16 @@
 #include "trainer/checkpoint_inspect.h"
 #include "trainer/doctor.h"
 #include "trainer/evaluation.h"
+#include "trainer/feature_statistics.h"
 #include "trainer/logging.h"
 #include "trainer/memory.h"
 #include "trainer/model_factory.h"
 #include "trainer/progress.h"
+#include "trainer/sample_quality.h"
 #include "trainer/sampling.h"
 #include "trainer/trainer.h"
 #include "util/durable_file.h"
+#include "util/json.h"
 
 namespace diffuse::app {
 namespace {
@@ -197,9 +201,52 @@ struct EvalArgs {
   std::string ckpt, data, weights = "ema", device = "auto";
   std::string classes = "labels";  ///< conditional model: "labels" (each image's own) or one class K
   int64_t n = 1000, batch = 16, seed = 0;
+  bool fid = false;
+  std::string features, ref, sampler = "ddim";
+  int64_t steps = 50, kid_subsets = 100, kid_subset_size = 1000;
+  double eta = 0.0;
 };
 
+/// FID, KID and precision/recall of the checkpoint's samples against --ref (`eval --fid`).
+void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::LoadedModel& loaded,
+                      torch::Device device, dist::Communicator& comm) {
+  trainer::FeatureNetwork network(args.features, device);
+  auto reference = trainer::read_reference_statistics(args.ref);
+  trainer::check_reference_statistics(reference, args.ref, network.info());
+  trainer::Progress progress({.label = "sampling for FID", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
+  trainer::QualityRequest request{
+      .sampling = {.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
+                   .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta},
+                   .on_progress = [&progress](int64_t images) { progress.advance(images); }},
+      .kid = {.subsets = args.kid_subsets, .subset_size = args.kid_subset_size, .seed = 0}};
+  auto result = trainer::evaluate_sample_quality(*loaded.diffusion, comm, network, reference, request);
+  progress.finish();
+  if (!ctx.is_root()) return;
+  for (const auto& warning : result.warnings) trainer::log::warn("{}", warning);
+  std::cout << trainer::quality_json(result, request, network.info(), reference,
+                                     {{"checkpoint", util::json::quote(args.ckpt)},
+                                      {"step", std::to_string(loaded.step)},
+                                      {"weights", util::json::quote(loaded.weights)},
+                                      {"ranks", std::to_string(comm.size())}})
+            << "\n";
+  std::cout << fmt::format("sample quality of {} samples ({} {} steps, eta {}, {} weights, step {}) against {} ({} images), "
+                           "features {}:\n  FID        {:.4f}\n",
+                           result.n, args.sampler, args.steps, args.eta, loaded.weights, loaded.step, args.ref,
+                           reference.n, network.info().name, result.fid);
+  if (result.kid) std::cout << fmt::format("  KID        {:.6f} ± {:.6f}\n", result.kid->mean, result.kid->std);
+  if (result.precision_recall) {
+    std::cout << fmt::format("  precision  {:.4f}\n  recall     {:.4f}\n", result.precision_recall->precision,
+                             result.precision_recall->recall);
+  }
+}
+
 int run_eval(const dist::Context& ctx, const EvalArgs& args) {
+  if (!args.fid && args.data.empty()) {
+    throw std::invalid_argument("diffuse eval: give --data FILE.h5 (the variational bound) and/or --fid");
+  }
+  if (args.fid && (args.features.empty() || args.ref.empty())) {
+    throw std::invalid_argument("diffuse eval --fid: give --features NET.pt and --ref X.stats.h5 (from `diffuse stats`)");
+  }
   auto device = command_device(ctx, args.device);
   auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
   std::optional<int64_t> fixed_class;
@@ -216,6 +263,8 @@ int run_eval(const dist::Context& ctx, const EvalArgs& args) {
     fixed_class = list[0];
   }
   auto comm = command_communicator(ctx, device);
+  if (args.fid) run_eval_quality(ctx, args, loaded, device, *comm);
+  if (args.data.empty()) return 0;
   trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
                               .enabled = ctx.is_root()});
   auto bound = trainer::evaluate_bits_per_dim(
@@ -351,19 +400,69 @@ void add_export_command(CLI::App& app, CommandAction& action) {
 }
 
 void add_eval_command(CLI::App& app, CommandAction& action) {
-  auto* cmd = app.add_subcommand("eval", "Variational bound in bits/dim on held-out images");
+  auto* cmd = app.add_subcommand("eval", "Variational bound in bits/dim on held-out images; FID, KID, precision/recall");
   auto args = std::make_shared<EvalArgs>();
   cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
-  cmd->add_option("--data", args->data, "HDF5 dataset (diffuse prep) of held-out images")->required();
+  cmd->add_option("--data", args->data, "HDF5 dataset (diffuse prep) of held-out images: the bound");
+  cmd->add_flag("--fid", args->fid, "Sample --n images and compare their features with --ref");
+  cmd->add_option("--features", args->features, "--fid: TorchScript feature network (.pt with diffuse_features.json)");
+  cmd->add_option("--ref", args->ref, "--fid: reference statistics from `diffuse stats` with the same --features");
+  cmd->add_option("--sampler", args->sampler, "--fid: ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
+  cmd->add_option("--steps", args->steps, "--fid: DDIM steps (ddpm uses every timestep)")->check(positive_integer());
+  cmd->add_option("--eta", args->eta, "--fid: DDIM eta");
+  cmd->add_option("--kid-subsets", args->kid_subsets, "--fid: KID subsets")->check(positive_integer());
+  cmd->add_option("--kid-subset-size", args->kid_subset_size, "--fid: KID subset size (capped at the smaller side)")
+      ->check(positive_integer());
   cmd->add_option("--n", args->n, "Number of images")->check(positive_integer());
   cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
-  cmd->add_option("--seed", args->seed, "Seed of the noise of the bound's terms");
+  cmd->add_option("--seed", args->seed, "Seed of the noise of the bound's terms and of the samples (--fid)");
   cmd->add_option("--classes", args->classes,
                   "Conditional model: 'labels' (default: each image's label in --data) or one class K to condition "
                   "every image on (unguided, cond_scale 1)");
   cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_eval(ctx, *args); }; });
+}
+
+void add_stats_command(CLI::App& app, CommandAction& action) {
+  auto* cmd = app.add_subcommand("stats", "Reference feature statistics of a dataset (for eval --fid)");
+  struct Args {
+    std::string data, features, out, device = "auto";
+    int64_t n = 0, batch = 64;
+    bool overwrite = false;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("--data", args->data, "HDF5 dataset (diffuse prep)")->required();
+  cmd->add_option("--features", args->features, "TorchScript feature network (.pt with diffuse_features.json)")
+      ->required();
+  cmd->add_option("--out,-o", args->out, "Output statistics file (X.stats.h5)")->required();
+  cmd->add_option("--n", args->n, "First n images (default: all)")->check(positive_integer());
+  cmd->add_option("--batch", args->batch, "Images per feature-network pass")->check(positive_integer());
+  cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_flag("--overwrite", args->overwrite, "Replace an existing output file (never anything but a regular file)");
+  cmd->callback([&action, args] {
+    action = [args](const dist::Context& ctx) {
+      util::check_destination(args->out, args->overwrite);  // before hours of features
+      auto device = command_device(ctx, args->device);
+      trainer::FeatureNetwork network(args->features, device);
+      auto comm = command_communicator(ctx, device);
+      auto count = data::dataset_identity(args->data).count;
+      auto total = args->n > 0 ? std::min(args->n, count) : count;
+      trainer::Progress progress({.label = "features", .total = total, .unit = "images", .enabled = ctx.is_root()});
+      auto stats = trainer::compute_reference_statistics(
+          network, *comm,
+          {.data = args->data, .n = args->n, .batch = args->batch,
+           .on_progress = [&progress](int64_t images) { progress.advance(images); }});
+      progress.finish();
+      if (ctx.is_root()) {
+        trainer::write_reference_statistics(args->out, stats, args->overwrite);
+        std::cout << fmt::format("wrote {} ({} images of {}, {} features of {} sha256 {})\n", args->out, stats.n,
+                                 args->data, network.info().dimension, network.info().name,
+                                 network.info().sha256.substr(0, 12));
+      }
+      return 0;
+    };
+  });
 }
 
 void add_inspect_command(CLI::App& app, CommandAction& action) {

@@ -25,6 +25,8 @@ void add_train_command(CLI::App& app, CommandAction& action);
 void add_sample_command(CLI::App& app, CommandAction& action);
 void add_export_command(CLI::App& app, CommandAction& action);
 void add_eval_command(CLI::App& app, CommandAction& action);
+/// `diffuse stats`: reference feature statistics of a dataset (for `eval --fid`).
+void add_stats_command(CLI::App& app, CommandAction& action);
 /// `inspect PATH`: a dataset file (data) or a checkpoint directory.
 void add_inspect_command(CLI::App& app, CommandAction& action);
 /// `diffuse prep`: converts images into a dataset file (app/data_commands.cpp, data/prep.h).

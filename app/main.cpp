@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   app::add_sample_command(app, action);
   app::add_export_command(app, action);
   app::add_eval_command(app, action);
+  app::add_stats_command(app, action);
 
   // CLI11 reports a misspelt subcommand as "a subcommand is required"; name it instead.
   for (int i = 1; i < argc; ++i) {

@@ -27,32 +27,9 @@ const dist::Context& ctx() { return testing::world(); }
 int rank() { return ctx().rank(); }
 int world() { return ctx().world_size(); }
 
-/// A temporary directory every rank sees (rank 0 makes it and tells the others).
-class SharedDir {
- public:
-  SharedDir() {
-    std::string path;
-    if (ctx().is_root()) {
-      std::random_device device;
-      path = (fs::temp_directory_path() /
-              ("diffuse-ckpt-" + std::to_string(::getpid()) + "-" + std::to_string(device())))
-                 .string();
-      fs::create_directories(path);
-    }
-    path_ = ctx().broadcast_string(path, 0);
-  }
-  ~SharedDir() {
-    ctx().barrier();
-    std::error_code ignored;
-    if (ctx().is_root()) fs::remove_all(path_, ignored);
-  }
-  SharedDir(const SharedDir&) = delete;
-  SharedDir& operator=(const SharedDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
+/// Every rank sees it.
+struct SharedDir : testing::SharedDir {
+  SharedDir() : testing::SharedDir("diffuse-ckpt") {}
 };
 
 /// Byte-for-byte equality (NaN payloads and -0.0 included), dtype and shape included.
