@@ -4,7 +4,7 @@
 Never needed by the C++ tests; run it by hand in a venv with torch, torchvision, pytorch-fid,
 numpy, scipy, pillow and h5py, with a built diffuse:
 
-  python tools/check_fid_equality.py --diffuse build/app/diffuse \
+  python tools/check_fid_equality.py --diffuse build/bin/diffuse \
       --idx-a train-images-idx3-ubyte.gz --idx-b t10k-images-idx3-ubyte.gz --n 300 --work /tmp/fid-check \
       [--weights pt_inception-2015-12-05-6726825d.pth]
 
@@ -14,7 +14,7 @@ What it does:
      (it checks that the HDF5 pixels are the PNG pixels).
   2. Without --weights (the published file cannot be downloaded everywhere), makes a stand-in:
      the FID Inception-v3's layout with a fixed random initialisation (seed 0), its batch-norm
-     statistics set from 64 other images so that every layer's activations are of unit scale,
+     statistics set from 32 other images so that every layer's activations are of unit scale,
      saved in the published file's format (the state dict of pytorch-fid's fid_inception_v3()).
   3. Exports it with tools/export_feature_net.py inception, and runs `diffuse stats` on A.h5 and
      B.h5 with it.
@@ -152,7 +152,7 @@ def main():
     if args.weights:
         shutil.copyfile(args.weights, weights)
     elif not (args.reuse and os.path.exists(weights)):
-        calibration = export_feature_net.prep_like_resize(export_feature_net.read_idx(args.idx_a, 2051)[-64:], 32)
+        calibration = export_feature_net.prep_like_resize(export_feature_net.read_idx(args.idx_a, 2051)[-32:], 32)
         random_fid_inception_weights(weights, calibration)
     weights_sha256 = export_feature_net.sha256_file(weights)
     os.environ["TORCH_HOME"] = torch_home  # where pytorch-fid's load_state_dict_from_url looks first
