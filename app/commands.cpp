@@ -202,37 +202,26 @@ struct EvalArgs {
   std::string classes = "labels";  ///< conditional model: "labels" (each image's own) or one class K
   int64_t n = 1000, batch = 16, seed = 0;
   bool fid = false;
-  std::string features, ref, sampler = "ddim";
+  std::string features, ref, sampler = "ddim", images;
   int64_t steps = 50, kid_subsets = 100, kid_subset_size = 1000;
-  double eta = 0.0;
+  double eta = 0.0, guidance = 6.0, rescaled_phi = 0.7;
 };
 
-/// FID, KID and precision/recall of the checkpoint's samples against --ref (`eval --fid`).
-void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::LoadedModel& loaded,
-                      torch::Device device, dist::Communicator& comm) {
-  trainer::FeatureNetwork network(args.features, device);
-  auto reference = trainer::read_reference_statistics(args.ref);
-  trainer::check_reference_statistics(reference, args.ref, network.info());
-  trainer::Progress progress({.label = "sampling for FID", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
-  trainer::QualityRequest request{
-      .sampling = {.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
-                   .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta},
-                   .on_progress = [&progress](int64_t images) { progress.advance(images); }},
-      .kid = {.subsets = args.kid_subsets, .subset_size = args.kid_subset_size, .seed = 0}};
-  auto result = trainer::evaluate_sample_quality(*loaded.diffusion, comm, network, reference, request);
-  progress.finish();
-  if (!ctx.is_root()) return;
-  for (const auto& warning : result.warnings) trainer::log::warn("{}", warning);
-  std::cout << trainer::quality_json(result, request, network.info(), reference,
-                                     {{"checkpoint", util::json::quote(args.ckpt)},
-                                      {"step", std::to_string(loaded.step)},
-                                      {"weights", util::json::quote(loaded.weights)},
-                                      {"ranks", std::to_string(comm.size())}})
-            << "\n";
-  std::cout << fmt::format("sample quality of {} samples ({} {} steps, eta {}, {} weights, step {}) against {} ({} images), "
-                           "features {}:\n  FID        {:.4f}\n",
-                           result.n, args.sampler, args.steps, args.eta, loaded.weights, loaded.step, args.ref,
-                           reference.n, network.info().name, result.fid);
+/// The feature network and the reference statistics of `eval --fid`, checked to belong together.
+struct QualityInputs {
+  trainer::FeatureNetwork network;
+  trainer::ReferenceStatistics reference;
+};
+
+QualityInputs quality_inputs(const EvalArgs& args, torch::Device device) {
+  QualityInputs inputs{trainer::FeatureNetwork(args.features, device), trainer::read_reference_statistics(args.ref)};
+  trainer::check_reference_statistics(inputs.reference, args.ref, inputs.network.info());
+  return inputs;
+}
+
+/// The short table under the JSON line.
+void print_quality_table(const trainer::QualityResult& result, const std::string& what) {
+  std::cout << what << fmt::format(":\n  FID        {:.4f}\n", result.fid);
   if (result.kid) std::cout << fmt::format("  KID        {:.6f} ± {:.6f}\n", result.kid->mean, result.kid->std);
   if (result.precision_recall) {
     std::cout << fmt::format("  precision  {:.4f}\n  recall     {:.4f}\n", result.precision_recall->precision,
@@ -240,12 +229,87 @@ void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::L
   }
 }
 
-int run_eval(const dist::Context& ctx, const EvalArgs& args) {
-  if (!args.fid && args.data.empty()) {
-    throw std::invalid_argument("diffuse eval: give --data FILE.h5 (the variational bound) and/or --fid");
+/// FID, KID and precision/recall of the checkpoint's samples against --ref (`eval --fid`). A
+/// class-conditional model's sample i gets class i mod K (--classes K: every sample class K),
+/// guided as `diffuse sample` guides, like the training run's evaluations.
+void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::LoadedModel& loaded,
+                      std::optional<int64_t> fixed_class, torch::Device device, dist::Communicator& comm) {
+  auto [network, reference] = quality_inputs(args, device);
+  trainer::Progress progress({.label = "sampling for FID", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
+  trainer::QualityRequest request{
+      .sampling = {.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
+                   .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta,
+                               .cond_scale = args.guidance, .rescaled_phi = args.rescaled_phi},
+                   .on_progress = [&progress](int64_t images) { progress.advance(images); }},
+      .metrics = {.kid = {.subsets = args.kid_subsets, .subset_size = args.kid_subset_size, .seed = 0}}};
+  std::vector<std::pair<std::string, std::string>> extra{{"checkpoint", util::json::quote(args.ckpt)},
+                                                         {"step", std::to_string(loaded.step)},
+                                                         {"weights", util::json::quote(loaded.weights)},
+                                                         {"ranks", std::to_string(comm.size())}};
+  if (const int64_t k = loaded.diffusion->num_classes(); k > 0) {
+    auto classes = fixed_class ? std::vector<int64_t>{*fixed_class} : trainer::parse_class_list("all", k);
+    request.sampling.classes = trainer::cycled_classes(args.n, classes);
+    extra.emplace_back("classes", util::json::quote(fixed_class ? std::to_string(*fixed_class)
+                                                                : fmt::format("i mod {}", k)));
+    extra.emplace_back("guidance", util::json::number(args.guidance));
+    extra.emplace_back("rescaled_phi", util::json::number(args.rescaled_phi));
   }
+  auto result = trainer::evaluate_sample_quality(*loaded.diffusion, comm, network, reference, request);
+  progress.finish();
+  if (!ctx.is_root()) return;
+  for (const auto& warning : result.warnings) trainer::log::warn("{}", warning);
+  std::cout << trainer::quality_json(result, network.info(), reference, trainer::sampling_json_fields(request), extra)
+            << "\n";
+  print_quality_table(result, fmt::format("sample quality of {} samples ({} {} steps, eta {}, {} weights, step {}) "
+                                          "against {} ({} images), features {}",
+                                          result.n, args.sampler, args.steps, args.eta, loaded.weights, loaded.step,
+                                          args.ref, reference.n, network.info().name));
+}
+
+/// The same metrics for a dataset's first --n images instead of samples (`eval --fid --images`):
+/// the floor a model can reach at that N.
+int run_eval_images(const dist::Context& ctx, const EvalArgs& args) {
+  auto device = command_device(ctx, args.device);
+  auto [network, reference] = quality_inputs(args, device);
+  auto comm = command_communicator(ctx, device);
+  auto count = data::dataset_identity(args.images).count;
+  trainer::Progress progress({.label = "features", .total = std::min(args.n, count), .unit = "images",
+                              .enabled = ctx.is_root()});
+  auto result = trainer::evaluate_image_quality(
+      network, *comm, reference,
+      {.data = args.images, .n = args.n, .batch = args.batch,
+       .on_progress = [&progress](int64_t images) { progress.advance(images); }},
+      {.kid = {.subsets = args.kid_subsets, .subset_size = args.kid_subset_size, .seed = 0}});
+  progress.finish();
+  if (!ctx.is_root()) return 0;
+  for (const auto& warning : result.warnings) trainer::log::warn("{}", warning);
+  std::cout << trainer::quality_json(result, network.info(), reference,
+                                     {{"images", util::json::quote(args.images)},
+                                      {"images_content_sha256", util::json::quote(result.images_content_sha256)}},
+                                     {{"ranks", std::to_string(comm->size())}})
+            << "\n";
+  print_quality_table(result, fmt::format("quality of the first {} images of {} against {} ({} images), features {}",
+                                          result.n, args.images, args.ref, reference.n, network.info().name));
+  return 0;
+}
+
+int run_eval(const dist::Context& ctx, const EvalArgs& args) {
   if (args.fid && (args.features.empty() || args.ref.empty())) {
     throw std::invalid_argument("diffuse eval --fid: give --features NET.pt and --ref X.stats.h5 (from `diffuse stats`)");
+  }
+  if (!args.images.empty()) {
+    if (!args.fid || !args.ckpt.empty() || !args.data.empty()) {
+      throw std::invalid_argument("diffuse eval --images FILE.h5: measures a dataset's images instead of samples; "
+                                  "give it with --fid, --features and --ref, without --ckpt or --data");
+    }
+    return run_eval_images(ctx, args);
+  }
+  if (args.ckpt.empty()) {
+    throw std::invalid_argument("diffuse eval: give --ckpt DIR (a checkpoint), or --fid --images FILE.h5 to measure "
+                                "a dataset");
+  }
+  if (!args.fid && args.data.empty()) {
+    throw std::invalid_argument("diffuse eval: give --data FILE.h5 (the variational bound) and/or --fid");
   }
   auto device = command_device(ctx, args.device);
   auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
@@ -258,12 +322,13 @@ int run_eval(const dist::Context& ctx, const EvalArgs& args) {
     auto list = trainer::parse_class_list(args.classes, loaded.diffusion->num_classes());
     if (list.size() != 1) {
       throw std::invalid_argument("eval --classes " + args.classes +
-                                  ": give 'labels' (each image's label) or one class K (every image conditioned on K)");
+                                  ": give 'labels' (each image's label; --fid: class i mod K for sample i) or one "
+                                  "class K (every image conditioned on K)");
     }
     fixed_class = list[0];
   }
   auto comm = command_communicator(ctx, device);
-  if (args.fid) run_eval_quality(ctx, args, loaded, device, *comm);
+  if (args.fid) run_eval_quality(ctx, args, loaded, fixed_class, device, *comm);
   if (args.data.empty()) return 0;
   trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
                               .enabled = ctx.is_root()});
@@ -402,9 +467,12 @@ void add_export_command(CLI::App& app, CommandAction& action) {
 void add_eval_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("eval", "Variational bound in bits/dim on held-out images; FID, KID, precision/recall");
   auto args = std::make_shared<EvalArgs>();
-  cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
+  cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN");
   cmd->add_option("--data", args->data, "HDF5 dataset (diffuse prep) of held-out images: the bound");
   cmd->add_flag("--fid", args->fid, "Sample --n images and compare their features with --ref");
+  cmd->add_option("--images", args->images,
+                  "--fid without a checkpoint: the first --n images of this HDF5 dataset instead of samples (the "
+                  "floor: e.g. a test set against the training set's --ref)");
   cmd->add_option("--features", args->features, "--fid: TorchScript feature network (.pt with diffuse_features.json)");
   cmd->add_option("--ref", args->ref, "--fid: reference statistics from `diffuse stats` with the same --features");
   cmd->add_option("--sampler", args->sampler, "--fid: ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
@@ -417,8 +485,13 @@ void add_eval_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
   cmd->add_option("--seed", args->seed, "Seed of the noise of the bound's terms and of the samples (--fid)");
   cmd->add_option("--classes", args->classes,
-                  "Conditional model: 'labels' (default: each image's label in --data) or one class K to condition "
-                  "every image on (unguided, cond_scale 1)");
+                  "Conditional model: 'labels' (default: each image's label in --data; --fid: sample i gets class "
+                  "i mod K) or one class K to condition every image (and every --fid sample) on; the bound is "
+                  "unguided (cond_scale 1)");
+  cmd->add_option("--guidance", args->guidance,
+                  "--fid, conditional model: classifier-free guidance scale of the samples (default 6, as sample)");
+  cmd->add_option("--rescaled-phi", args->rescaled_phi, "--fid, conditional model: as sample's (default 0.7)")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_eval(ctx, *args); }; });

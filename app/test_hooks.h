@@ -5,6 +5,8 @@
 //                                           stuck on a dead filesystem would (collective timeout test)
 //   DIFFUSE_TEST_FAIL_CHECKPOINT_RANK=<r>   rank r's checkpoint shard write fails after the file exists
 //   DIFFUSE_TEST_FAIL_CHECKPOINT_STEP=<s>   ... only for the save of step s
+//   DIFFUSE_TEST_PLANTED_FID=<step:fid,...> the eval: section's FID at those steps is replaced by the
+//                                           given values (e.g. 5:5,10:3,15:4), to test checkpoint.keep_best
 #pragma once
 
 #include "trainer/trainer.h"

@@ -134,7 +134,7 @@ void prepare_save(const fs::path& dir, int64_t step) {
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::string name = entry.path().filename().string();
     auto dot = name.rfind('.');
-    if (name == "latest.tmp") {
+    if (name == std::string(kLatestLinkName) + ".tmp" || name == std::string(kBestLinkName) + ".tmp") {
       fs::remove(entry.path(), ec);
       continue;
     }
@@ -216,13 +216,13 @@ std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const fs::path& d
   return found;
 }
 
-void apply_retention(const fs::path& dir, int64_t saved_step, const RetentionPolicy& policy,
-                     SavedCheckpoint& result) {
+void apply_retention(const fs::path& dir, int64_t saved_step, std::optional<int64_t> best_step,
+                     const RetentionPolicy& policy, SavedCheckpoint& result) {
   auto all = complete_checkpoints(dir);
   for (size_t i = 0; i < all.size(); ++i) {
     int64_t step = all[i].first;
-    bool keep = step == saved_step || policy.keep_last == 0 || static_cast<int64_t>(i) < policy.keep_last ||
-                (policy.keep_every > 0 && step % policy.keep_every == 0);
+    bool keep = step == saved_step || step == best_step || policy.keep_last == 0 ||
+                static_cast<int64_t>(i) < policy.keep_last || (policy.keep_every > 0 && step % policy.keep_every == 0);
     if (keep) continue;
     std::string error = capture([&] { remove_checkpoint_dir(all[i].second); });
     if (error.empty()) {
@@ -233,12 +233,14 @@ void apply_retention(const fs::path& dir, int64_t saved_step, const RetentionPol
   }
 }
 
-void point_latest_at(const fs::path& dir, const std::string& name) {
-  fs::path tmp = dir / "latest.tmp";
+/// Points the link `dir/link` at `name`: a relative symlink made beside it and renamed over it,
+/// so readers see the old target or the new one, never neither.
+void point_link_at(const fs::path& dir, const std::string& link, const std::string& name) {
+  fs::path tmp = dir / (link + ".tmp");
   std::error_code ec;
   fs::remove(tmp, ec);
   fs::create_symlink(name, tmp);  // relative: the run directory may move
-  fs::rename(tmp, dir / kLatestLinkName);
+  fs::rename(tmp, dir / link);
 }
 
 /// Rank 0, after every shard is written: the manifest, then the atomic publication, then
@@ -298,7 +300,7 @@ SavedCheckpoint publish(const fs::path& dir, const fs::path& tmp, const Checkpoi
   }
   try {
     util::fsync_path(dir, true);
-    point_latest_at(dir, name);
+    point_link_at(dir, kLatestLinkName, name);
   } catch (...) {
     // Unpublish: `latest` still names the previous checkpoint, so the new one must go too.
     fs::rename(final_dir, tmp, ec);
@@ -312,7 +314,12 @@ SavedCheckpoint publish(const fs::path& dir, const fs::path& tmp, const Checkpoi
     std::string error = capture([&] { fs::remove_all(old_dir); });
     if (!error.empty()) result.warnings.push_back("could not remove " + old_dir.string() + ": " + error);
   }
-  apply_retention(dir, c.step, policy, result);
+  if (c.best_step) {
+    // After `latest`: a failure here costs only the link, which the next save or resume restores.
+    std::string error = capture([&] { point_best_at(dir, *c.best_step); });
+    if (!error.empty()) result.warnings.push_back("could not move " + (dir / kBestLinkName).string() + ": " + error);
+  }
+  apply_retention(dir, c.step, c.best_step, policy, result);
   result.directory = final_dir;
   return result;
 }
@@ -455,6 +462,16 @@ CheckpointCandidates plan_explicit(const fs::path& dir) {
 }
 
 }  // namespace
+
+void point_best_at(const fs::path& checkpoints_dir, int64_t step) {
+  const std::string name = util::step_name(step);
+  std::error_code ec;
+  if (!fs::is_regular_file(checkpoints_dir / name / kManifestFileName, ec)) {
+    throw CheckpointError("cannot point " + (checkpoints_dir / kBestLinkName).string() + " at " + name +
+                          ": it is not a complete checkpoint");
+  }
+  point_link_at(checkpoints_dir, kBestLinkName, name);
+}
 
 CheckpointCandidates locate_checkpoints(const fs::path& path) {
   std::error_code ec;

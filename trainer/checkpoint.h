@@ -7,6 +7,8 @@
 // On disk (RUN/checkpoints/):
 //
 //   latest                          symlink to "step-000200" (relative), replaced atomically by rename
+//   best                            (checkpoint.keep_best only) symlink to the best evaluation's
+//                                   checkpoint, moved the same way; retention never removes it
 //   step-000200/
 //     shard-00000-of-00002.h5       one HDF5 file per saving rank
 //     shard-00001-of-00002.h5
@@ -96,6 +98,10 @@ struct CheckpointContents {
   std::string config_yaml;
   /// Free-form string facts, e.g. elapsed_seconds, samples_seen (taken from rank 0).
   std::map<std::string, std::string> metadata;
+  /// The step `best` names once this save is published: this step or an earlier complete
+  /// checkpoint, which retention then keeps whatever keep_last says (taken from rank 0).
+  /// nullopt: `best` is neither written nor moved, and retention ignores it.
+  std::optional<int64_t> best_step;
 };
 
 /// A checkpoint read back. Tensors are on the CPU, contiguous, in the order they were saved.
@@ -173,6 +179,11 @@ class CheckpointStore {
   RetentionPolicy policy_;
   ShardWrittenHook after_shard_written_;
 };
+
+/// Points `checkpoints_dir/best` at step-NNNNNN (which must be a complete checkpoint) with the
+/// atomic symlink-and-rename `latest` uses. Local (rank 0 calls it, e.g. to restore the link a
+/// resumed checkpoint names); a save moves it itself (CheckpointContents::best_step).
+void point_best_at(const std::filesystem::path& checkpoints_dir, int64_t step);
 
 /// Where a path given on the command line points: a checkpoint directory (with a manifest), or
 /// a run directory, a checkpoints directory or a `latest` link (then the newest good checkpoint

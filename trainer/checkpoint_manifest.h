@@ -27,6 +27,8 @@ class CheckpointError : public std::runtime_error {
 inline constexpr int kCheckpointFormatVersion = 1;
 inline constexpr const char* kManifestFileName = "manifest.json";
 inline constexpr const char* kLatestLinkName = "latest";
+/// The checkpoint of the best evaluation so far (checkpoint.keep_best), beside `latest`.
+inline constexpr const char* kBestLinkName = "best";
 
 /// One tensor as the manifest lists it.
 struct TensorEntry {

@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <algorithm>
 #include <functional>
@@ -83,6 +84,13 @@ const std::vector<std::pair<NonfinitePolicy, const char*>>& names_of() {
 template <>
 const std::vector<std::pair<LossType, const char*>>& names_of() {
   static const std::vector<std::pair<LossType, const char*>> names{{LossType::kL2, "l2"}, {LossType::kL1, "l1"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<BestMetric, const char*>>& names_of() {
+  static const std::vector<std::pair<BestMetric, const char*>> names{
+      {BestMetric::kNone, "none"}, {BestMetric::kFid, "fid"}, {BestMetric::kKid, "kid"}};
   return names;
 }
 
@@ -183,12 +191,22 @@ std::vector<Field> fields_of(Config& c) {
       {"checkpoint", "keep_last", &c.checkpoint.keep_last},
       {"checkpoint", "keep_every", &c.checkpoint.keep_every},
       {"checkpoint", "stop_on_error", &c.checkpoint.stop_on_error},
+      {"checkpoint", "keep_best", choice(&c.checkpoint.keep_best)},
       {"log", "every", &c.log.every},
       {"log", "sample_every", &c.log.sample_every},
       {"log", "num_samples", &c.log.num_samples},
       {"log", "sample_steps", &c.log.sample_steps},
       {"log", "sample_seed", &c.log.sample_seed},
       {"log", "tensorboard", &c.log.tensorboard},
+      {"eval", "every", &c.eval.every},
+      {"eval", "n", &c.eval.n},
+      {"eval", "features", &c.eval.features},
+      {"eval", "ref", &c.eval.ref},
+      {"eval", "sampler", &c.eval.sampler},
+      {"eval", "steps", &c.eval.steps},
+      {"eval", "eta", &c.eval.eta},
+      {"eval", "ema", &c.eval.ema},
+      {"eval", "seed", &c.eval.seed},
   };
 }
 
@@ -320,7 +338,8 @@ std::vector<std::string> keys_of_section(const std::vector<Field>& fields, const
 }
 
 const std::vector<std::string>& sections() {
-  static const std::vector<std::string> names{"model", "diffusion", "data", "train", "ema", "checkpoint", "log"};
+  static const std::vector<std::string> names{"model", "diffusion", "data", "train", "ema", "checkpoint", "log",
+                                              "eval"};
   return names;
 }
 
@@ -332,6 +351,8 @@ constexpr double kMaxCollectiveTimeoutS = 7.0 * 24 * 3600;
 void require(bool ok, const std::string& key, const std::string& value, const std::string& allowed) {
   if (!ok) throw std::invalid_argument("config key " + key + ": got " + value + ", expected " + allowed);
 }
+
+void non_negative_key(const std::string& key, int64_t v) { require(v >= 0, key, std::to_string(v), "an integer >= 0"); }
 
 }  // namespace
 
@@ -565,6 +586,40 @@ void Config::validate() const {
   positive("log.sample_steps", log.sample_steps);
   require(log.sample_steps <= diffusion.timesteps, "log.sample_steps", std::to_string(log.sample_steps),
           "at most diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+
+  validate_eval();
+}
+
+void Config::validate_eval() const {
+  non_negative_key("eval.every", eval.every);
+  if (eval.every == 0) {
+    // A section that names its files but never runs would be a silent no-op.
+    require(eval.features.empty() && eval.ref.empty(), "eval.every", "0",
+            "an integer > 0 when eval.features or eval.ref is set (0: no evaluation during training)");
+    require(checkpoint.keep_best == BestMetric::kNone, "checkpoint.keep_best", to_string(checkpoint.keep_best),
+            "none without evaluations during training (add an eval: section with every, n, features and ref)");
+    return;
+  }
+  require(!eval.features.empty(), "eval.features", "''",
+          "a TorchScript feature network (.pt with diffuse_features.json) when eval.every > 0");
+  require(!eval.ref.empty(), "eval.ref", "''",
+          "reference statistics from `diffuse stats --features` with the same network when eval.every > 0");
+  require(eval.n >= 2, "eval.n", std::to_string(eval.n), "an integer >= 2 (10000 or more for numbers to compare)");
+  require(eval.sampler == "ddim" || eval.sampler == "ddpm", "eval.sampler", eval.sampler, "ddim or ddpm");
+  require(eval.steps > 0 && eval.steps <= diffusion.timesteps, "eval.steps", std::to_string(eval.steps),
+          "1 to diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+  require(eval.eta >= 0, "eval.eta", std::to_string(eval.eta), ">= 0");
+  non_negative_key("eval.seed", eval.seed);
+  bool known_weights = eval.ema == "ema" || eval.ema == "online";
+  std::string rates;
+  for (double rate : ema.decay) {
+    char* end = nullptr;
+    double given = std::strtod(eval.ema.c_str(), &end);
+    if (!eval.ema.empty() && end != nullptr && *end == '\0' && std::abs(given - rate) < 1e-12) known_weights = true;
+    rates += (rates.empty() ? "" : ", ") + shortest_text(rate);
+  }
+  require(known_weights, "eval.ema", "'" + eval.ema + "'",
+          "ema (the first rate), online (the raw weights) or one of ema.decay: " + rates);
 }
 
 std::string to_string(Precision value) { return name_of(value); }
@@ -576,6 +631,7 @@ std::string to_string(BetaSchedule value) { return name_of(value); }
 std::string to_string(TimestepSamplerKind value) { return name_of(value); }
 std::string to_string(NonfinitePolicy value) { return name_of(value); }
 std::string to_string(LossType value) { return name_of(value); }
+std::string to_string(BestMetric value) { return name_of(value); }
 
 std::vector<std::pair<std::string, std::string>> Config::values() const {
   auto fields = fields_of(const_cast<Config&>(*this));

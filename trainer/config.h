@@ -28,6 +28,7 @@ enum class BetaSchedule { kLinear, kCosine, kSigmoid };
 enum class TimestepSamplerKind { kUniform, kLossAware };
 enum class NonfinitePolicy { kStop, kSkip };
 enum class LossType { kL2, kL1 };
+enum class BestMetric { kNone, kFid, kKid };
 
 std::string to_string(Precision value);
 std::string to_string(DeviceChoice value);
@@ -38,6 +39,7 @@ std::string to_string(BetaSchedule value);
 std::string to_string(TimestepSamplerKind value);
 std::string to_string(NonfinitePolicy value);
 std::string to_string(LossType value);
+std::string to_string(BestMetric value);
 
 struct ModelConfig {
   int64_t dim = 64;
@@ -121,6 +123,10 @@ struct CheckpointConfig {
   int64_t keep_last = 3;
   int64_t keep_every = 0;        ///< also keep every M-th step forever (0: none)
   bool stop_on_error = true;     ///< false: a failed save is reported and training continues
+  /// fid or kid (lower is better; needs the eval: section): keep the checkpoint of the best
+  /// evaluation so far beside keep_last/keep_every, with checkpoints/best pointing at it. An
+  /// evaluation that beats the best is checkpointed at once, whatever checkpoint.every says.
+  BestMetric keep_best = BestMetric::kNone;
 };
 
 struct LogConfig {
@@ -132,6 +138,19 @@ struct LogConfig {
   bool tensorboard = true;       ///< rank 0 writes TensorBoard event files to RUN/tensorboard/
 };
 
+/// Sample quality during training (`diffuse eval --fid` every `every` steps, on all ranks).
+struct EvalConfig {
+  int64_t every = 0;             ///< 0: never (a config without the eval: section)
+  int64_t n = 10000;             ///< samples per evaluation
+  std::string features;          ///< TorchScript feature network (.pt with diffuse_features.json)
+  std::string ref;               ///< reference statistics made by `diffuse stats` with the same features
+  std::string sampler = "ddim";  ///< ddim or ddpm
+  int64_t steps = 50;            ///< DDIM steps (ddpm uses every timestep)
+  double eta = 0.0;
+  std::string ema = "ema";       ///< "ema" (the first of ema.decay), one of ema.decay's rates, or "online"
+  int64_t seed = 0;              ///< of the samples' noise: the same noise at every evaluation
+};
+
 struct Config {
   std::string name = "run";      ///< from the file name; names the default run directory
   ModelConfig model;
@@ -141,6 +160,7 @@ struct Config {
   EmaConfig ema;
   CheckpointConfig checkpoint;
   LogConfig log;
+  EvalConfig eval;
 
   /// Parses YAML text; throws naming unknown sections/keys, a section or key given twice (with
   /// both lines), unparsable values and non-finite numbers (.inf, .nan). Empty text gives the
@@ -161,6 +181,9 @@ struct Config {
   bool operator==(const Config& other) const { return to_yaml() == other.to_yaml(); }
   /// Every key with its value as the written config spells it ("train.lr" -> "0.0001"), in order.
   std::vector<std::pair<std::string, std::string>> values() const;
+
+ private:
+  void validate_eval() const;  ///< the eval: section and checkpoint.keep_best
 };
 
 /// Every `section.key` the configuration accepts (for help texts and tests).

@@ -14,6 +14,7 @@
 #include <new>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "data/dataset.h"
 #include "data/image_io.h"
@@ -37,6 +38,7 @@
 #include "trainer/sampling.h"
 #include "trainer/tensorboard.h"
 #include "trainer/timestep_sampler.h"
+#include "trainer/training_quality.h"
 #include "trainer/training_state.h"
 #include "util/durable_file.h"
 #include "util/files.h"
@@ -146,6 +148,8 @@ struct Trainer::Parts {
         comm(make_communicator(ctx, device, config.train)),
         // Data first among the expensive parts: its errors (missing file, wrong size) are the commonest.
         loader(loader_options(ctx, config, device, options.hooks)),
+        // Before any training: a missing eval.features or eval.ref must not surface hours later.
+        quality(config.eval.every > 0 ? std::make_unique<TrainingQuality>(config, device) : nullptr),
         diffusion(seeded_diffusion(config)),
         ema_diffusion(build_diffusion(config)),
         names(parameter_names()),
@@ -205,6 +209,7 @@ struct Trainer::Parts {
   torch::Device device;
   std::unique_ptr<dist::Communicator> comm;  ///< gradients and device tensors (NCCL on CUDA, MPI on CPU)
   data::Loader loader;
+  std::unique_ptr<TrainingQuality> quality;  ///< the eval: section's evaluator (null without one)
   model::GaussianDiffusion diffusion;      ///< the online model
   model::GaussianDiffusion ema_diffusion;  ///< receives EMA weights for sample grids
   std::vector<std::string> names;          ///< U-Net parameter names (reference state-dict keys)
@@ -231,6 +236,10 @@ struct Trainer::Parts {
   int64_t images_since_log = 0;
   Clock::time_point log_clock = Clock::now();
   double last_logged_loss = NAN;
+  double evaluation_since_log = 0;  ///< seconds of evaluations since the last log row, not training
+  bool quality_warned = false;      ///< the evaluations' warnings (small N) are logged once
+  std::optional<BestEvaluation> best;          ///< checkpoint.keep_best: saved, `best` names it
+  std::optional<BestEvaluation> pending_best;  ///< beat `best` this step; becomes it once checkpointed
 };
 
 Trainer::Trainer(const dist::Context& ctx, Config config, RunOptions options)
@@ -319,6 +328,7 @@ void Trainer::start_or_resume() {
   auto progress = restore_training_state(*loaded, parts);
   p.step = progress.step;
   p.elapsed_before = std::stod(loaded->metadata.at("elapsed_seconds"));
+  if (p.config.checkpoint.keep_best != BestMetric::kNone) restore_best(*loaded);
   if (progress.per_rank_inherited) {
     // A rank that did not exist in the saved world gets a fresh stream, still a pure function of
     // (seed, rank, step), so a resharded resume is reproducible too.
@@ -329,6 +339,41 @@ void Trainer::start_or_resume() {
   if (p.ctx.is_root()) {
     p.metrics.truncate_after(p.step);
     log::info("resumed from {} at step {}", loaded->directory.string(), p.step);
+  }
+}
+
+void Trainer::restore_best(const LoadedCheckpoint& loaded) {
+  auto& p = *parts_;
+  const auto metric = p.config.checkpoint.keep_best;
+  p.best = read_best_evaluation(loaded.metadata, metric);
+  if (!p.best) {
+    if (p.ctx.is_root()) {
+      log::info("checkpoint.keep_best={}: {} records no best {} yet; the next evaluation sets it", to_string(metric),
+                loaded.directory.string(), to_string(metric));
+    }
+    return;
+  }
+  // The checkpoint names its timeline's best; `best` may still point into a newer, abandoned one.
+  std::string problem;
+  if (p.ctx.is_root()) {
+    try {
+      point_best_at(p.run.checkpoints(), p.best->step);
+    } catch (const std::exception& error) {
+      problem = error.what();
+    }
+  }
+  problem = p.ctx.broadcast_string(problem, 0);
+  if (!problem.empty()) {
+    if (p.ctx.is_root()) {
+      log::warn("the best {} {} at step {} recorded in {} is gone ({}); the next evaluation sets a new best",
+                to_string(metric), p.best->value, p.best->step, loaded.directory.string(), problem);
+    }
+    p.best.reset();
+    return;
+  }
+  if (p.ctx.is_root()) {
+    log::info("best {} so far: {} at step {} ({})", to_string(metric), p.best->value, p.best->step,
+              (p.run.checkpoints() / kBestLinkName).string());
   }
 }
 
@@ -399,9 +444,10 @@ int Trainer::train_loop() {
                 << std::flush;
     }
     if (p.config.log.sample_every > 0 && (p.step % p.config.log.sample_every == 0 || last)) sample_grid();
+    const bool new_best = p.quality && p.quality->due(p.step, last) && evaluate_quality();
     // Every rank must agree before anyone checkpoints: a signal may reach only some ranks.
     bool stop = ctx.max_over_ranks(stop_signal().load()) > 0;
-    if (p.step % p.config.checkpoint.every == 0 || last || stop) {
+    if (p.step % p.config.checkpoint.every == 0 || last || stop || new_best) {
       p.elapsed_before = elapsed();  // the checkpoint carries the total training time so far
       start = Clock::now();
       save_checkpoint();
@@ -516,7 +562,9 @@ void Trainer::log_step(double elapsed) {
   auto& p = *parts_;
   auto summary = p.losses.summarize(*p.comm);  // the one host sync of a logging step
   double interval = seconds_since(p.log_clock);
-  double images_per_second = interval > 0 ? p.images_since_log / interval : 0;
+  // Evaluations are not training: their time would make images/s depend on eval.every and eval.n.
+  double training_seconds = interval - p.evaluation_since_log;
+  double images_per_second = training_seconds > 0 ? p.images_since_log / training_seconds : 0;
   std::vector<std::pair<std::string, double>> row{
       {"step", static_cast<double>(p.step)},
       {"loss", summary.loss},
@@ -533,6 +581,12 @@ void Trainer::log_step(double elapsed) {
       {"elapsed_s", elapsed},
       {"samples_seen", static_cast<double>(p.loader.state().samples_seen)},
   };
+  if (p.quality) {
+    // The interval and the evaluation time left out of images/s: images_per_sec = the interval's
+    // images / (interval_s - eval_s).
+    row.emplace_back("interval_s", interval);
+    row.emplace_back("eval_s", p.evaluation_since_log);
+  }
   if (p.ctx.is_root()) {
     p.metrics.write(row);
     if (p.tensorboard) {
@@ -551,6 +605,7 @@ void Trainer::log_step(double elapsed) {
   p.last_logged_loss = summary.loss;
   check_divergence();
   p.data_wait = p.exposed_comm = 0;
+  p.evaluation_since_log = 0;
   p.images_since_log = 0;
   p.log_clock = Clock::now();
 }
@@ -615,6 +670,78 @@ void Trainer::sample_grid() {
   }
 }
 
+bool Trainer::evaluate_quality() {
+  auto& p = *parts_;
+  auto start = Clock::now();
+  auto& quality = *p.quality;
+  model::GaussianDiffusionImpl* evaluated = p.diffusion.get();
+  if (auto index = quality.ema_index()) {
+    torch::NoGradGuard no_grad;
+    auto targets = p.ema_diffusion->denoiser()->parameters();
+    p.ema.copy_to(targets, *index);
+    evaluated = p.ema_diffusion.get();
+  }
+  evaluated->eval();  // the online model goes back to train mode at the next step
+  auto result = quality.evaluate(*evaluated, *p.comm);
+  if (p.options.hooks.after_quality_evaluation) p.options.hooks.after_quality_evaluation(p.step, result);
+  const double seconds = seconds_since(start);
+  p.evaluation_since_log += seconds;
+
+  bool new_best = false;
+  const auto metric = p.config.checkpoint.keep_best;
+  if (auto value = best_metric_value(metric, result); value && (!p.best || *value < p.best->value)) {
+    p.pending_best = BestEvaluation{.metric = metric, .value = *value, .step = p.step};
+    new_best = true;
+  }
+  if (!p.ctx.is_root()) return new_best;
+  if (!p.quality_warned) {
+    for (const auto& warning : result.warnings) log::warn("eval: {}", warning);
+    if (metric == BestMetric::kKid && !result.kid) log::warn("eval: no KID, so checkpoint.keep_best=kid cannot rank");
+    p.quality_warned = true;
+  }
+  const auto& options = quality.request().sampling.options;
+  std::vector<std::pair<std::string, double>> row{{"step", static_cast<double>(p.step)}, {"fid", result.fid}};
+  if (result.kid) {
+    row.emplace_back("kid", result.kid->mean);
+    row.emplace_back("kid_std", result.kid->std);
+  }
+  if (result.precision_recall) {
+    row.emplace_back("precision", result.precision_recall->precision);
+    row.emplace_back("recall", result.precision_recall->recall);
+  }
+  row.emplace_back("eval_seconds", seconds);
+  row.emplace_back("eval_n", static_cast<double>(result.n));
+  row.emplace_back("eval_steps", static_cast<double>(options.steps));
+  row.emplace_back("eval_eta", options.eta);
+  if (metric != BestMetric::kNone) {
+    const auto& best = p.pending_best ? p.pending_best : p.best;
+    if (best) row.emplace_back("best_" + to_string(metric), best->value);
+  }
+  p.metrics.write(row, {{"eval_sampler", options.sampler}, {"eval_weights", quality.weights_label()}});
+  if (p.tensorboard) {
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& [key, value] : row) {
+      if (key == "fid" || key == "kid" || key == "kid_std" || key == "precision" || key == "recall") {
+        scalars.emplace_back("eval/" + key, value);
+      }
+    }
+    scalars.emplace_back("eval/seconds", seconds);
+    p.tensorboard->add_scalars(scalars, p.step);
+  }
+  std::string line = fmt::format("eval at step {}: FID {:.4f}", p.step, result.fid);
+  if (result.kid) line += fmt::format("  KID {:.6f} ± {:.6f}", result.kid->mean, result.kid->std);
+  if (result.precision_recall) {
+    line += fmt::format("  precision {:.4f}  recall {:.4f}", result.precision_recall->precision,
+                        result.precision_recall->recall);
+  }
+  line += fmt::format("  ({} samples, {} {} steps, {} weights, features {}) in {:.1f}s, not counted in img/s",
+                      result.n, options.sampler, options.steps, quality.weights_label(), quality.network().name,
+                      seconds);
+  if (new_best) line += fmt::format("; new best {}, checkpointed now", to_string(metric));
+  log::info("{}", line);
+  return new_best;
+}
+
 void Trainer::save_checkpoint() {
   auto& p = *parts_;
   auto start = Clock::now();
@@ -639,13 +766,29 @@ void Trainer::save_checkpoint() {
     contents.metadata["unet_options"] = unet_options_json(p.config.model);
     contents.metadata["diffusion_options"] = diffusion_options(p.config).to_json();
     contents.metadata["diffuse_version"] = std::string(DIFFUSE_VERSION) + "+" + git_hash();
+    // Every checkpoint records the best so far, so a resume from any of them knows it.
+    if (const auto& best = p.pending_best ? p.pending_best : p.best) {
+      write_best_evaluation(contents.metadata, *best);
+      contents.best_step = best->step;
+    }
     auto saved = p.checkpoints.save(contents);
+    if (p.pending_best) p.best = std::exchange(p.pending_best, std::nullopt);
     if (p.ctx.is_root()) {
       log::info("checkpoint {} ({:.1f} MB in {:.1f}s)", saved.directory.string(), saved.bytes / 1e6,
                 seconds_since(start));
+      if (p.best && p.best->step == p.step) {
+        log::info("best {} so far: {} at step {} ({})", to_string(p.best->metric), p.best->value, p.step,
+                  (p.run.checkpoints() / kBestLinkName).string());
+      }
       for (const auto& warning : saved.warnings) log::warn("{}", warning);
     }
   } catch (const std::exception& error) {
+    if (p.pending_best && p.ctx.is_root()) {
+      log::warn("the {} {} of step {} beat the best but its checkpoint failed; the best stays {}",
+                to_string(p.pending_best->metric), p.pending_best->value, p.step,
+                p.best ? fmt::format("{} at step {}", p.best->value, p.best->step) : std::string("unset"));
+    }
+    p.pending_best.reset();
     if (p.config.checkpoint.stop_on_error) throw;
     log::error("checkpoint at step {} failed, training continues (checkpoint.stop_on_error=false): {}", p.step,
                error.what());

@@ -22,6 +22,8 @@
 
 namespace diffuse::trainer {
 
+struct QualityResult;  // trainer/sample_quality.h
+
 /// Fault-injection points for the launcher tests; empty in real runs. The program installs them
 /// from DIFFUSE_TEST_* variables (app/test_hooks.cpp); library code never reads the environment.
 struct TrainerHooks {
@@ -29,6 +31,9 @@ struct TrainerHooks {
   std::function<void(int64_t index)> before_batch;
   /// Called after each rank writes its checkpoint shard (a throw fails that rank's save).
   ShardWrittenHook after_shard_written;
+  /// Called on every rank after each evaluation of the eval: section, before its result is used
+  /// (e.g. to plant a sequence of FIDs for the checkpoint.keep_best test).
+  std::function<void(int64_t step, QualityResult& result)> after_quality_evaluation;
 };
 
 struct RunOptions {
@@ -72,6 +77,8 @@ class Trainer {
   void start_or_resume();
   /// Throws naming every key that changes the saved weights' meaning; logs the other changes.
   void check_resume(const LoadedCheckpoint& loaded);
+  /// checkpoint.keep_best on resume: the best the checkpoint records, and `best` pointed at it.
+  void restore_best(const LoadedCheckpoint& loaded);
   void write_run_files();
   int train_loop();
   void train_step();
@@ -80,6 +87,9 @@ class Trainer {
   /// loop syncs anyway). Throws TrainingDiverged to stop.
   void check_divergence();
   void sample_grid();
+  /// The eval: section's evaluation of this step (collective); true when it beat the best so far
+  /// under checkpoint.keep_best, which then checkpoints this step.
+  bool evaluate_quality();
   void save_checkpoint();
 };
 

@@ -562,6 +562,37 @@ TEST(Checkpoint, RetentionKeepsTheLastKAndEveryMth) {
   EXPECT_EQ(keep_all.list().size(), 4u);
 }
 
+TEST(Checkpoint, TheBestIsLinkedAndSurvivesRetention) {
+  SharedDir run;
+  const fs::path checkpoints = run / "checkpoints";
+  CheckpointStore store(checkpoints, ctx(), {.keep_last = 1});
+  auto save = [&](int64_t step, std::optional<int64_t> best) {
+    auto contents = make_contents(step, rank());
+    contents.best_step = best;
+    store.save(contents);
+  };
+  save(1, std::nullopt);
+  save(2, 2);
+  save(3, 2);
+  save(4, 2);
+  if (ctx().is_root()) {
+    // keep_last=1 alone would leave step 4 only.
+    EXPECT_EQ(names_in(checkpoints), (std::vector<std::string>{"best", "latest", "step-000002", "step-000004"}));
+    EXPECT_EQ(fs::read_symlink(checkpoints / "best"), fs::path("step-000002"));
+    EXPECT_EQ(fs::read_symlink(checkpoints / "latest"), fs::path("step-000004"));
+  }
+  auto best = store.load((checkpoints / "best").string());
+  ASSERT_TRUE(best);
+  EXPECT_EQ(best->step, 2);
+  save(5, 5);  // a new best: the old one is an ordinary checkpoint again
+  if (ctx().is_root()) {
+    EXPECT_EQ(names_in(checkpoints), (std::vector<std::string>{"best", "latest", "step-000005"}));
+    EXPECT_EQ(fs::read_symlink(checkpoints / "best"), fs::path("step-000005"));
+    EXPECT_THROW(point_best_at(checkpoints, 4), CheckpointError);  // removed: not a checkpoint any more
+    EXPECT_EQ(fs::read_symlink(checkpoints / "best"), fs::path("step-000005"));
+  }
+}
+
 TEST(Checkpoint, LoadsOnAnyWorldSize) {
   // Checkpoints written "as if" by 1, 3 and 5 ranks, loaded by this run's ranks.
   for (int saved_world : {1, 3, 5}) {

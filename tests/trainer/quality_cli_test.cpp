@@ -82,5 +82,41 @@ TEST(QualityCli, RefusesStatsOfAnotherNetworkAndMissingOptions) {
   EXPECT_NE(again.exit_code, 0) << "an existing output must not be replaced without --overwrite";
 }
 
+TEST(QualityCli, ImagesAgainstTheirOwnStatisticsGiveZero) {
+  TempDir dir;
+  auto data = (fixtures() / "v1/shapes16.h5").string(), net = (fixtures() / "tiny_features.pt").string();
+  auto ref = dir / "first20.stats.h5";
+  auto stats = run_command(diffuse_exe() + " stats --data " + data + " --features " + net + " --n 20 -o " + ref.string());
+  ASSERT_EQ(stats.exit_code, 0) << stats.output;
+  auto measure = [&](int64_t n) {
+    auto eval = run_command(mpirun(2) + diffuse_exe() + " eval --fid --images " + data + " --n " + std::to_string(n) +
+                            " --features " + net + " --ref " + ref.string() + " --batch 5");
+    EXPECT_EQ(eval.exit_code, 0) << eval.output;
+    return eval_json(eval.output);
+  };
+  auto same = measure(20);
+  EXPECT_EQ(same.find("n")->as_int64(), 20);
+  EXPECT_EQ(same.find("images")->as_string(), data);
+  EXPECT_EQ(same.find("images_content_sha256")->as_string(), trainer::read_reference_statistics(ref).content_sha256)
+      << "the same images, read as `stats` reads them";
+  EXPECT_EQ(same.find("sampler"), nullptr) << "no sampling without a checkpoint";
+  EXPECT_NEAR(same.find("fid")->as_double(), 0.0, 1e-9);
+  EXPECT_EQ(same.find("precision")->as_double(), 1.0);
+  EXPECT_EQ(same.find("recall")->as_double(), 1.0);
+  auto more = measure(32);  // 12 images the reference has not seen
+  EXPECT_GT(more.find("fid")->as_double(), 1e-6);
+
+  for (const auto& [args, expect] : std::vector<std::pair<std::string, std::string>>{
+           {" eval --images " + data + " --features " + net + " --ref " + ref.string(), "give it with --fid"},
+           {" eval --fid --images " + data + " --ckpt " + (fixtures() / "v1/checkpoint/step-000010").string() +
+                " --features " + net + " --ref " + ref.string(),
+            "without --ckpt"},
+           {" eval --fid --features " + net + " --ref " + ref.string(), "give --ckpt"}}) {
+    auto refused = run_command(diffuse_exe() + args);
+    EXPECT_NE(refused.exit_code, 0) << args;
+    EXPECT_NE(refused.output.find(expect), std::string::npos) << args << "\n" << refused.output;
+  }
+}
+
 }  // namespace
 }  // namespace diffuse::testing

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <set>
+#include <utility>
 
 #include "support.h"
 #include "trainer/config.h"
@@ -113,6 +115,88 @@ TEST(Config, OverridesParseYamlValues) {
   EXPECT_EQ(config.data.path, "/tmp/a=b.h5");
   EXPECT_NE(error_of([&] { config.apply_override("train.nope=1"); }).find("train.nope"), std::string::npos);
   EXPECT_NE(error_of([&] { config.apply_override("steps=1"); }).find("section.key=value"), std::string::npos);
+}
+
+const char* kEvalYaml =
+    "data:\n  path: x.h5\n"
+    "checkpoint:\n  keep_best: kid\n"
+    "eval:\n  every: 100\n  n: 500\n  features: net.pt\n  ref: x.stats.h5\n  sampler: ddpm\n  steps: 20\n"
+    "  eta: 0.5\n  ema: 0.995\n  seed: 3\n";
+
+TEST(Config, EvalSectionIsOffUnlessGivenAndRoundTrips) {
+  Config off;
+  off.data.path = "x.h5";
+  EXPECT_EQ(off.eval.every, 0);
+  EXPECT_EQ(off.checkpoint.keep_best, BestMetric::kNone);
+  EXPECT_NO_THROW(off.validate());
+  auto config = Config::from_yaml(kEvalYaml);
+  EXPECT_NO_THROW(config.validate());
+  EXPECT_EQ(config.eval.every, 100);
+  EXPECT_EQ(config.eval.n, 500);
+  EXPECT_EQ(config.eval.features, "net.pt");
+  EXPECT_EQ(config.eval.ref, "x.stats.h5");
+  EXPECT_EQ(config.eval.sampler, "ddpm");
+  EXPECT_EQ(config.eval.steps, 20);
+  EXPECT_EQ(config.eval.eta, 0.5);
+  EXPECT_EQ(config.eval.ema, "0.995");
+  EXPECT_EQ(config.eval.seed, 3);
+  EXPECT_EQ(config.checkpoint.keep_best, BestMetric::kKid);
+  EXPECT_EQ(Config::from_yaml(config.to_yaml()).to_yaml(), config.to_yaml());
+  auto message = error_of([] { Config::from_yaml("eval:\n  evry: 10\n"); });
+  EXPECT_NE(message.find("eval.evry"), std::string::npos) << message;
+  EXPECT_NE(message.find("every"), std::string::npos) << message;
+}
+
+TEST(Config, EvalKeysAreCheckedByName) {
+  for (const auto& [assignment, key] : std::vector<std::pair<std::string, std::string>>{
+           {"eval.sampler=euler", "eval.sampler"},
+           {"eval.n=1", "eval.n"},
+           {"eval.steps=0", "eval.steps"},
+           {"eval.steps=5000", "eval.steps"},
+           {"eval.eta=-1", "eval.eta"},
+           {"eval.ema=0.5", "eval.ema"},
+           {"eval.features=", "eval.features"},
+           {"eval.ref=", "eval.ref"},
+           {"eval.seed=-1", "eval.seed"},
+           {"eval.every=-1", "eval.every"},
+           {"checkpoint.keep_best=psnr", "checkpoint.keep_best"}}) {
+    auto config = Config::from_yaml(kEvalYaml);
+    auto message = error_of([&] {
+      config.apply_override(assignment);
+      config.validate();
+    });
+    EXPECT_NE(message.find(key), std::string::npos) << assignment << ": " << message;
+  }
+  for (const std::string weights : {"ema", "online", "0.995"}) {
+    auto config = Config::from_yaml(kEvalYaml);
+    config.apply_override("eval.ema=" + weights);
+    EXPECT_NO_THROW(config.validate()) << weights;
+  }
+}
+
+TEST(Config, KeepBestAndEvalFilesNeedEvaluations) {
+  Config config;
+  config.data.path = "x.h5";
+  config.apply_override("checkpoint.keep_best=fid");
+  auto message = error_of([&] { config.validate(); });
+  EXPECT_NE(message.find("checkpoint.keep_best"), std::string::npos) << message;
+  EXPECT_NE(message.find("eval"), std::string::npos) << message;
+  Config silent;
+  silent.data.path = "x.h5";
+  silent.apply_override("eval.features=net.pt");
+  message = error_of([&] { silent.validate(); });
+  EXPECT_NE(message.find("eval.every"), std::string::npos) << message;
+}
+
+TEST(Config, EvalAndKeepBestMayChangeOnResume) {
+  Config saved;
+  saved.data.path = "x.h5";
+  auto current = Config::from_yaml(kEvalYaml);
+  auto verdict = compare_for_resume(saved, current);
+  EXPECT_TRUE(verdict.refused.empty());
+  std::set<std::string> changed;
+  for (const auto& change : verdict.allowed) changed.insert(change.key);
+  EXPECT_TRUE(changed.count("eval.every") && changed.count("checkpoint.keep_best"));
 }
 
 TEST(Config, TensorBoardIsOnUnlessTurnedOff) {
