@@ -237,6 +237,7 @@ struct Trainer::Parts {
   Clock::time_point log_clock = Clock::now();
   double last_logged_loss = NAN;
   double evaluation_since_log = 0;  ///< seconds of evaluations since the last log row, not training
+  double grids_since_log = 0;       ///< seconds of sample grids since the last log row, not training
   bool quality_warned = false;      ///< the evaluations' warnings (small N) are logged once
   std::optional<BestEvaluation> best;          ///< checkpoint.keep_best: saved, `best` names it
   std::optional<BestEvaluation> pending_best;  ///< beat `best` this step; becomes it once checkpointed
@@ -562,8 +563,9 @@ void Trainer::log_step(double elapsed) {
   auto& p = *parts_;
   auto summary = p.losses.summarize(*p.comm);  // the one host sync of a logging step
   double interval = seconds_since(p.log_clock);
-  // Evaluations are not training: their time would make images/s depend on eval.every and eval.n.
-  double training_seconds = interval - p.evaluation_since_log;
+  // Evaluations and sample grids are not training: their time would make images/s depend on eval.every,
+  // eval.n and log.sample_every.
+  double training_seconds = interval - p.evaluation_since_log - p.grids_since_log;
   double images_per_second = training_seconds > 0 ? p.images_since_log / training_seconds : 0;
   std::vector<std::pair<std::string, double>> row{
       {"step", static_cast<double>(p.step)},
@@ -582,10 +584,11 @@ void Trainer::log_step(double elapsed) {
       {"samples_seen", static_cast<double>(p.loader.state().samples_seen)},
   };
   if (p.quality) {
-    // The interval and the evaluation time left out of images/s: images_per_sec = the interval's
-    // images / (interval_s - eval_s).
+    // The interval and the time left out of images/s: images_per_sec = the interval's
+    // images / (interval_s - eval_s - grid_s).
     row.emplace_back("interval_s", interval);
     row.emplace_back("eval_s", p.evaluation_since_log);
+    row.emplace_back("grid_s", p.grids_since_log);
   }
   if (p.ctx.is_root()) {
     p.metrics.write(row);
@@ -605,7 +608,7 @@ void Trainer::log_step(double elapsed) {
   p.last_logged_loss = summary.loss;
   check_divergence();
   p.data_wait = p.exposed_comm = 0;
-  p.evaluation_since_log = 0;
+  p.evaluation_since_log = p.grids_since_log = 0;
   p.images_since_log = 0;
   p.log_clock = Clock::now();
 }
@@ -644,6 +647,7 @@ void Trainer::check_divergence() {
 
 void Trainer::sample_grid() {
   auto& p = *parts_;
+  const auto start = Clock::now();
   {
     torch::NoGradGuard no_grad;
     auto targets = p.ema_diffusion->denoiser()->parameters();
@@ -668,6 +672,7 @@ void Trainer::sample_grid() {
     if (p.tensorboard) p.tensorboard->add_image("samples", util::read_file(p.run.sample_grid(p.step)), p.step);
     log::info("sample grid: {}", p.run.sample_grid(p.step).string());
   }
+  p.grids_since_log += seconds_since(start);
 }
 
 bool Trainer::evaluate_quality() {

@@ -99,7 +99,10 @@ TempDir* QualityTraining::dir_ = nullptr;
 TEST_F(QualityTraining, EvaluationsAreRecordedAndTheirTimeIsNotTraining) {
   auto run = path("eval-run");
   // tiny.yaml: batch 4 per rank, log every 5 steps; 2 ranks -> 40 images per log interval.
-  auto result = train(2, run, "--set train.steps=20 --set eval.ema=0.9" + eval_section(5));
+  // Sample grids at steps 10 and 20 are not training either.
+  auto result = train(2, run,
+                      "--set train.steps=20 --set eval.ema=0.9 --set log.sample_every=10 --set log.sample_steps=2" +
+                          eval_section(5));
   ASSERT_EQ(result.exit_code, 0) << result.output;
   std::map<int64_t, json::Value> evaluations, logs;
   for (auto& row : metric_rows(run)) {
@@ -125,7 +128,13 @@ TEST_F(QualityTraining, EvaluationsAreRecordedAndTheirTimeIsNotTraining) {
     // The evaluation of the previous log step ran inside this interval (after that step's row).
     double evaluated = step > 5 ? number(evaluations.at(step - 5), "eval_seconds") : 0.0;
     EXPECT_NEAR(number(row, "eval_s"), evaluated, 1e-6 * evaluated + 1e-9);
-    double training = number(row, "interval_s") - number(row, "eval_s");
+    // The grid of step 10 ran inside the interval ending at step 15 (the one of step 20 after the last row).
+    if (step == 15) {
+      EXPECT_GT(number(row, "grid_s"), 0.0);
+    } else {
+      EXPECT_EQ(number(row, "grid_s"), 0.0);
+    }
+    double training = number(row, "interval_s") - number(row, "eval_s") - number(row, "grid_s");
     ASSERT_GT(training, 0.0);
     EXPECT_NEAR(number(row, "images_per_sec") * training, 40.0, 1e-4 * 40.0)
         << "images/s must count the interval's training seconds only";
