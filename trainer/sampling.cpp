@@ -128,34 +128,39 @@ void check_classes(const model::GaussianDiffusionImpl& diffusion, const SampleRe
 torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
                             const SampleRequest& request) {
   check_classes(diffusion, request);
+  if (request.n < 1 || request.batch < 1) {
+    throw std::invalid_argument("sample_images: n and batch must be positive, got n=" + std::to_string(request.n) +
+                                " batch=" + std::to_string(request.batch));
+  }
   const int64_t c = diffusion.channels(), s = diffusion.options().image_size;
   const int64_t world = comm.size(), rank = comm.rank();
-  const int64_t per_rank = (request.n + world - 1) / world;
+  // Image i is always made in chunk i / batch with the same companions, whatever the number of
+  // ranks: a convolution's rounding can depend on its batch, and the samples must not depend on
+  // the world size. Ranks take consecutive runs of chunks, so the gathered chunks are in order.
+  const int64_t chunks = (request.n + request.batch - 1) / request.batch;
+  const int64_t chunks_per_rank = (chunks + world - 1) / world;
   auto noise_generator = at::make_generator<at::CPUGeneratorImpl>(request.seed);
-  auto all_noise = torch::randn({per_rank * world, c, s, s}, noise_generator);
-  auto mine = all_noise.narrow(0, per_rank * rank, per_rank);
+  auto all_noise = torch::randn({request.n, c, s, s}, noise_generator);
   const auto device = diffusion.betas.device();
-  std::vector<torch::Tensor> chunks;
-  for (int64_t first = 0; first < per_rank; first += request.batch) {
-    int64_t count = std::min(request.batch, per_rank - first);
-    const int64_t global_first = per_rank * rank + first;
+  auto local = torch::zeros({chunks_per_rank * request.batch, c, s, s}, torch::TensorOptions(device));
+  const int64_t first_chunk = chunks_per_rank * rank;
+  const int64_t last_chunk = std::min(chunks, first_chunk + chunks_per_rank);
+  for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+    const int64_t global_first = chunk * request.batch;
+    const int64_t count = std::min(request.batch, request.n - global_first);
     auto generator = at::make_generator<at::CPUGeneratorImpl>(request.seed * 1000003ULL +
                                                                static_cast<uint64_t>(global_first) + 1);
     torch::NoGradGuard no_grad;
     torch::Tensor classes;
     if (request.classes.defined()) {
-      // Images past n (the last rank's padding) take class 0; they are dropped below.
-      auto padded = torch::cat({request.classes.to(torch::kInt64).cpu(),
-                                torch::zeros({per_rank * world - request.n}, torch::kInt64)});
-      classes = padded.narrow(0, global_first, count).to(device);
+      classes = request.classes.to(torch::kInt64).cpu().narrow(0, global_first, count).to(device);
     }
     auto images =
-        diffusion.sample_from(mine.narrow(0, first, count).to(device), request.options, generator, classes);
-    chunks.push_back(images.clamp(0, 1).contiguous());
+        diffusion.sample_from(all_noise.narrow(0, global_first, count).to(device), request.options, generator, classes);
+    local.narrow(0, (chunk - first_chunk) * request.batch, count).copy_(images.clamp(0, 1));
     if (request.on_progress) request.on_progress(std::min(count * world, request.n));
   }
-  auto local = torch::cat(chunks).to(comm.device());
-  return comm.all_gather(local).reshape({-1, c, s, s}).narrow(0, 0, request.n).cpu();
+  return comm.all_gather(local.to(comm.device())).reshape({-1, c, s, s}).narrow(0, 0, request.n).cpu();
 }
 
 }  // namespace diffuse::trainer

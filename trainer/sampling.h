@@ -38,7 +38,9 @@ LoadedModel load_model(const std::filesystem::path& checkpoint, const std::strin
 struct SampleRequest {
   int64_t n = 64;
   uint64_t seed = 0;
-  int64_t batch = 16;  ///< images per forward pass on each rank
+  /// Images per forward pass: image i is made in chunk i / batch, on whichever rank, so the samples
+  /// do not depend on the number of ranks; ranks take consecutive runs of chunks.
+  int64_t batch = 16;
   model::SampleOptions options;  ///< cond_scale / rescaled_phi: the guidance of a conditional model
   /// A class-conditional model: image i's class, int64 [n] in [0, num_classes) (see class_rows);
   /// must be undefined for an unconditional one.

@@ -655,7 +655,6 @@ void Trainer::sample_grid() {
   }
   // Fixed noise, so the grids of successive steps are comparable.
   SampleRequest request{.n = p.config.log.num_samples, .seed = static_cast<uint64_t>(p.config.log.sample_seed),
-                        .batch = p.config.log.num_samples,
                         .options = {.sampler = "ddim", .steps = p.config.log.sample_steps, .eta = 0.0}};
   auto per_row = static_cast<int64_t>(std::ceil(std::sqrt(request.n)));
   if (const int64_t k = p.config.model.num_classes; k > 0) {
@@ -664,8 +663,10 @@ void Trainer::sample_grid() {
     std::vector<int64_t> all(static_cast<size_t>(k));
     std::iota(all.begin(), all.end(), 0);
     request.classes = class_rows(all, per_row);
-    request.n = request.batch = per_row * k;
+    request.n = per_row * k;
   }
+  // One chunk per rank: the grid is spread over the world (its pixels may then depend on the world size).
+  request.batch = (request.n + p.ctx.world_size() - 1) / p.ctx.world_size();
   auto images = sample_images(*p.ema_diffusion, *p.comm, request);
   if (p.ctx.is_root()) {
     data::save_image_grid(p.run.sample_grid(p.step), images, per_row, /*padding=*/2, /*overwrite=*/true);

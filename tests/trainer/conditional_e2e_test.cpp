@@ -194,13 +194,14 @@ TEST_F(Conditional, ExportSampleAndEvalOfAConditionalCheckpoint) {
   model::load_state_dict(*unet, file.tensors);
   EXPECT_EQ(unet->num_classes(), 3);
 
-  // --classes all: one row per class, labels stored beside the images; sharding changes nothing.
+  // --classes all: one row per class, labels stored beside the images; sharding changes nothing
+  // (chunks of 2 images: rank 0 makes two, rank 1 one, yet every pixel is the one-rank run's).
   auto h5 = path("all.h5"), h5_two = path("all2.h5");
-  auto sampled = run_command(diffuse_exe() + " sample --ckpt " + ckpt + " --classes all --n 2 --steps 3 --out-h5 " +
-                             h5.string() + " --out " + path("all.png").string());
+  auto sampled = run_command(diffuse_exe() + " sample --ckpt " + ckpt + " --classes all --n 2 --steps 3 --batch 2 " +
+                             "--out-h5 " + h5.string() + " --out " + path("all.png").string());
   ASSERT_EQ(sampled.exit_code, 0) << sampled.output;
   auto two = run_command(mpirun(2) + diffuse_exe() + " sample --ckpt " + ckpt +
-                         " --classes all --n 2 --steps 3 --out-h5 " + h5_two.string());
+                         " --classes all --n 2 --steps 3 --batch 2 --out-h5 " + h5_two.string());
   ASSERT_EQ(two.exit_code, 0) << two.output;
   auto samples = data::read_hdf5_tensors(h5);
   ASSERT_EQ(samples.tensors.size(), 2u);
