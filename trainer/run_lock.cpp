@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -63,6 +64,20 @@ bool try_create(const fs::path& path, const std::string& text) {
   return true;
 }
 
+// A killed rank stays a zombie until its parent, or the init process after mpirun is gone, reaps
+// it: kill(pid, 0) still succeeds, yet it holds no files and will never write again.
+bool process_running(pid_t pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;  // no /proc: trust kill()
+  // The state follows the command name, which is in parentheses and may itself hold ") ".
+  const auto close = line.rfind(')');
+  if (close == std::string::npos || close + 2 >= line.size()) return true;
+  const char state = line[close + 2];
+  return state != 'Z' && state != 'X';
+}
+
 }  // namespace
 
 std::string lock_owner_text() {
@@ -85,7 +100,7 @@ RunLock RunLock::acquire(const fs::path& run_dir, std::string* warning) {
     auto holder = parse_owner(held);
     const bool same_host = holder["host"] == hostname();
     const long pid = std::atol(holder["pid"].c_str());
-    const bool dead = same_host && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    const bool dead = same_host && pid > 0 && !process_running(static_cast<pid_t>(pid));
     const bool requeued_self = holder["job"] != "none" && holder["job"].rfind("SLURM_JOB_ID:", 0) == 0 &&
                                holder["job"] == job_id();
     if (dead || requeued_self) {

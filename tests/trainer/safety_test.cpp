@@ -93,6 +93,20 @@ TEST_F(Safety, ASecondJobInTheSameRunDirectoryIsRefused) {
   ASSERT_EQ(taken.exit_code, 0) << taken.output;
   EXPECT_TRUE(contains(taken.output, "took over the stale run lock")) << taken.output;
   EXPECT_FALSE(fs::exists(run / "run.lock")) << "the lock outlived its job";
+
+  // A killed rank not yet reaped (a zombie: kill(pid, 0) still succeeds) holds nothing either.
+  pid_t zombie = ::fork();
+  if (zombie == 0) ::_exit(0);
+  siginfo_t info{};
+  ASSERT_EQ(::waitid(P_PID, zombie, &info, WEXITED | WNOWAIT), 0) << "the child did not exit";
+  ASSERT_EQ(::kill(zombie, 0), 0) << "not a zombie: already reaped";
+  run = path("zombie-held");
+  fs::create_directories(run);
+  std::ofstream(run / "run.lock") << "host=" << host() << " pid=" << zombie << " job=none started=2026-01-01T00:00:00Z\n";
+  auto after_zombie = train(run, "--set train.steps=5");
+  ::waitpid(zombie, nullptr, 0);
+  ASSERT_EQ(after_zombie.exit_code, 0) << after_zombie.output;
+  EXPECT_TRUE(contains(after_zombie.output, "took over the stale run lock")) << after_zombie.output;
 }
 
 TEST_F(Safety, TwoConcurrentTrainingsCannotShareARunDirectory) {
