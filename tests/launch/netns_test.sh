@@ -150,8 +150,9 @@ case "$SCENARIO" in
     seconds=$(elapsed "$t")
     wait_until 5 no_ranks_left || fail "ranks still alive after mpirun exited: $(rank_pids "$RUN")"
     [ "$STATUS" -ne 0 ] || fail "mpirun exited 0 after a node was lost"
-    expect_in "$LOG" "nodeB" "the lost node named"
-    note "mpirun: $(grep -m1 -iE 'nodeB' "$LOG")"
+    # OpenMPI: "ORTE has lost communication with a remote daemon. ... Remote daemon: [[j,0],1] on node nodeB"
+    expect_in "$LOG" "Remote daemon: .* on node nodeB" "mpirun naming the lost node"
+    note "mpirun: $(grep -m1 -B3 -E 'Remote daemon: .* on node nodeB' "$LOG" | grep -m1 -iE 'lost|communication') $(grep -m1 -oE 'Remote daemon: .* on node nodeB' "$LOG")"
     last=$(last_logged_step "$RUN")
     from=$(latest_step "$RUN")
     lost=$(( last - from ))
