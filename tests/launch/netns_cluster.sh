@@ -16,7 +16,8 @@
 # machine's own namespace gains no interface, route or address), so the same subnet can serve
 # several clusters at once and nothing leaves the machine. Names resolve through a hosts file
 # bind-mounted on /etc/hosts in each node's mount namespace; the file system is otherwise shared,
-# like an NFS home on a real cluster.
+# like an NFS home on a real cluster, except NETNS_NODE_LOCAL: the same path, a different folder
+# on each node (node-local scratch, e.g. Slurm's TmpFS).
 #
 # A node is held by one process (`sleep`) that owns its UTS and mount namespaces; on_node enters
 # them with nsenter. Every process of a node is in its network namespace, so `ip netns pids`
@@ -32,6 +33,7 @@ NETNS_CLUSTER_DIR=""
 NETNS_CLUSTER_ERROR=""
 NETNS_SUBNET="10.213.0.0/24"
 NETNS_NODES=()
+NETNS_NODE_LOCAL=""  # DIR/node-local: on each node, a folder of its own (like a node's local /tmp)
 _netns_prefix="diffuse$$"  # namespace names are global: unique per test process
 _netns_switch=""
 
@@ -56,7 +58,8 @@ netns_cluster_start() {
   done
   [ "$(id -u)" -eq 0 ] || { NETNS_CLUSTER_ERROR="network namespaces need root"; return 1; }
   [[ "$count" =~ ^[1-9][0-9]*$ ]] && [ "$count" -le 26 ] || { NETNS_CLUSTER_ERROR="1 to 26 nodes, not '$count'"; return 1; }
-  mkdir -p "$d/nodes" "$d/log"
+  NETNS_NODE_LOCAL="$d/node-local"
+  mkdir -p "$d/nodes" "$d/log" "$NETNS_NODE_LOCAL"
 
   _netns_switch="$(_netns_of switch)"
   ip netns add "$_netns_switch" 2>"$d/log/netns.err" \
@@ -75,6 +78,7 @@ netns_cluster_start() {
   for ((i = 0; i < count; ++i)); do
     local name="${NETNS_NODES[$i]}" ns
     ns="$(_netns_of "${NETNS_NODES[$i]}")"
+    mkdir -p "$d/local/$name"
     ip netns add "$ns" 2>"$d/log/netns.err" || { _netns_fail "ip netns add $ns: $(cat "$d/log/netns.err")"; return 1; }
     ip link add eth0 netns "$ns" type veth peer name "port-$name" netns "$_netns_switch" 2>"$d/log/netns.err" \
       || { _netns_fail "cannot create a veth pair: $(cat "$d/log/netns.err")"; return 1; }
@@ -83,9 +87,11 @@ netns_cluster_start() {
     ip -n "$ns" addr add "10.213.0.$(( i + 1 ))/24" dev eth0
     ip -n "$ns" link set eth0 up
     # The holder: owns the node's hostname and its /etc/hosts; detached from our output so that
-    # ctest does not wait on it.
-    ip netns exec "$ns" unshare --uts --mount --propagation private \
-      sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec sleep 1000000' sh "$name" "$d/hosts" \
+    # ctest does not wait on it. Not `ip netns exec`, which mounts a fresh /sys over the machine's
+    # (hiding /sys/fs/cgroup, which slurmd needs).
+    nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
+      sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" && exec sleep 1000000' \
+      sh "$name" "$d/hosts" "$d/local/$name" "$NETNS_NODE_LOCAL" \
       </dev/null >"$d/log/$name.holder" 2>&1 &
     echo "$!" >"$d/nodes/$name.pid"
     disown "$!"  # no "Killed" job report when kill_node ends it
@@ -119,14 +125,25 @@ EOF
   return 0
 }
 
+# node_command NODE: sets NODE_COMMAND to the prefix that runs a command on NODE (nsenter, which
+# execs the command: started in the background, $! is the command's own pid).
+node_command() {
+  local pid
+  pid="$(_netns_holder "$1")" || { echo "no node '$1' in this cluster" >&2; return 255; }
+  NODE_COMMAND=(nsenter -t "$pid" -u -n -m --wd="$PWD" --)
+}
+
 # on_node NODE COMMAND...: runs COMMAND on NODE (its hostname, network, /etc/hosts), in this
 # shell's environment and working directory, as a job on a login node would.
 on_node() {
-  local pid
-  pid="$(_netns_holder "$1")" || { echo "on_node: no node '$1'" >&2; return 255; }
+  local NODE_COMMAND
+  node_command "$1" || return 255
   shift
-  nsenter -t "$pid" -u -n -m --wd="$PWD" -- "$@"
+  "${NODE_COMMAND[@]}" "$@"
 }
+
+# node_address NODE: NODE's address on the switch.
+node_address() { awk -v n="$1" '$2 == n {print $1}' "$NETNS_CLUSTER_DIR/hosts"; }
 
 # cut_link NODE: unplugs NODE's cable from the switch. Its interface stays up with its address,
 # so its processes see no error: packets just stop arriving (TCP retries, collectives wait).

@@ -171,29 +171,111 @@ case "$SCENARIO" in
       "$lost steps (last step $last, resumed at $from on the surviving node, world 4 -> 2; interval $EVERY)"
     ;;
 
+  partition)
+    # The collective timeout is what ends the ranks: their TCP connections to the other side see
+    # no error at all while the cable is out (packets just vanish).
+    TIMEOUT_S=5
+    # timed_out_ranks RUN: the ranks whose log has the collective timeout, e.g. "0 1 2 3".
+    timed_out_ranks() {
+      grep -lE "did not complete within $(( TIMEOUT_S * 1000 )) ms" "$1"/logs/rank-*.log 2>/dev/null \
+        | grep -oE '[0-9]+\.log$' | sed 's/\.log//' | sort -n | tr '\n' ' '
+    }
+    # partition_until_ranks_exit: waits (60 s at most) for every rank to exit with nodeB's link
+    # cut, then heals it; mpirun, which keeps waiting for nodeB's daemon while the link is out,
+    # must exit within 60 s of that. Sets SECONDS_TO_EXIT (cut to the last rank gone), STATUS.
+    partition_until_ranks_exit() {
+      local cut_at="$1"
+      wait_until 60 no_ranks_left || { tail -n 30 "$LOG"; fail "ranks still running 60 s after the cut: $(rank_pids "$RUN" | tr '\n' ' ')"; }
+      SECONDS_TO_EXIT=$(elapsed "$cut_at")
+      launcher_done && note "mpirun exited while the link was out" || note "every rank exited; mpirun still waits for nodeB's daemon"
+      restore_link nodeB
+      healed=$(now)
+      wait_exit 60
+      note "link restored: mpirun exited $(elapsed "$healed") s later (status $STATUS)"
+      [ "$STATUS" -ne 0 ] || fail "mpirun exited 0 after a partition"
+    }
+
+    # 1. Mid-run: most of a step is its gradient all-reduce.
+    train_on nodeA:2,nodeB:2 4 "$RUN" "$LOG" --set train.steps=100000 --set "train.collective_timeout_s=$TIMEOUT_S"
+    wait_until 180 checkpoint_at_least "$EVERY" || { tail -n 30 "$LOG"; fail "no checkpoint at step $EVERY"; }
+    wait_until 60 logged_at_least "$(( EVERY + EVERY / 2 ))" || fail "training stopped after step $EVERY"
+    cut_link nodeB
+    cut_at=$(now)
+    last=$(last_logged_step "$RUN")
+    note "nodeB's link cut after step $last (processes alive)"
+    partition_until_ranks_exit "$cut_at"
+    timed_out="$(timed_out_ranks "$RUN")"
+    note "collective timeout in the logs of ranks: $timed_out"
+    [[ " $timed_out" =~ \ [01]\  ]] || fail "no rank on nodeA reported the collective timeout (ranks: '$timed_out')"
+    [[ " $timed_out" =~ \ [23]\  ]] || fail "no rank on nodeB reported the collective timeout (ranks: '$timed_out')"
+    message="$(grep -h -m1 -oE "MPI [a-z_]+(\([a-z]+\))? [^:]*did not complete within [0-9]+ ms" "$RUN"/logs/rank-*.log | head -n 1)"
+    [ -n "$message" ] || fail "the timeout message does not name the operation"
+    note "message: $message"
+    last=$(last_logged_step "$RUN")
+    from=$(latest_step "$RUN")
+    expect_latest_intact "$from"
+    table_row "network partition mid-run: one node's link cut, processes alive (collective_timeout_s=$TIMEOUT_S)" 4 \
+      "$SECONDS_TO_EXIT s (every rank; mpirun waits for the lost daemon until the link heals)" \
+      "$(( last - from )) steps (last step $last, latest $from; interval $EVERY)"
+
+    # 2. The moment a checkpoint save starts (its step-N.tmp folder appears), after a first one.
+    RUN="$WORK/run-save"
+    LOG="$WORK/train-save.log"
+    train_on nodeA:2,nodeB:2 4 "$RUN" "$LOG" --set train.steps=100000 --set "train.collective_timeout_s=$TIMEOUT_S" \
+      --set checkpoint.every=5
+    wait_until 180 checkpoint_at_least 5 || { tail -n 30 "$LOG"; fail "no checkpoint at step 5"; }
+    saving=""
+    for _ in $(seq 1 3000); do  # 30 s in 10 ms polls: a save of this model takes ~0.2 s
+      saving="$(compgen -G "$RUN/checkpoints/step-*.tmp" | grep -v "step-0*5\.tmp" | head -n 1)" && [ -n "$saving" ] && break
+      sleep 0.01
+    done
+    [ -n "$saving" ] || fail "no checkpoint save seen in 30 s"
+    cut_link nodeB
+    cut_at=$(now)
+    before=$(latest_step "$RUN")
+    note "nodeB's link cut while $(basename "$saving") was being written (latest: step $before)"
+    partition_until_ranks_exit "$cut_at"
+    note "collective timeout in the logs of ranks: $(timed_out_ranks "$RUN")"
+    after=$(latest_step "$RUN")
+    saved_step=$(( 10#$(basename "$saving" .tmp | tr -dc 0-9) ))
+    if [ "$after" -eq "$saved_step" ]; then
+      note "the save of step $saved_step had passed its last agreement and was published whole"
+    else
+      [ "$after" -eq "$before" ] || fail "latest moved from $before to $after, neither the old nor the saved step $saved_step"
+      [ ! -e "$RUN/checkpoints/step-$(printf %06d "$saved_step")" ] || fail "step $saved_step published although the save did not complete"
+      note "the save of step $saved_step did not complete: not published, latest stays $before"
+    fi
+    expect_latest_intact "$after"
+    for d in "$RUN"/checkpoints/step-*; do
+      case "$d" in *.tmp|*.trash|*.old) continue ;; esac
+      "$EXE" inspect "$d" >"$WORK/inspect.log" 2>&1 || { cat "$WORK/inspect.log"; fail "published checkpoint $d is damaged"; }
+    done
+    table_row "network partition during a checkpoint save (collective_timeout_s=$TIMEOUT_S)" 4 "$SECONDS_TO_EXIT s" \
+      "no checkpoint published half-written; latest step $after (save of step $saved_step $( [ "$after" -eq "$saved_step" ] && echo completed || echo abandoned))"
+    ;;
+
   slow_link)
     # Exposed all-reduce time: the part of the gradient all-reduce not hidden behind backward
-    # (metrics.jsonl's allreduce_exposed_s, per log interval). Overlap on: tiny.yaml's small
-    # buckets start all-reducing while backward runs; off: one bucket holding every gradient,
-    # which can only start once backward is over.
-    steps=30
-    cap_bandwidth nodeB 100mbit || fail "tc tbf on nodeB's link"
-    note "nodeB's link capped at 100 Mbit/s (tc tbf, both directions)"
+    # (metrics.jsonl's allreduce_exposed_s, per log interval; rank 0's). Overlap on: tiny.yaml's
+    # small buckets start all-reducing while backward runs; off: one bucket holding every
+    # gradient, which can only start once backward is over. First a run on the full link.
+    steps=20
     exposed_sum() { awk -F'"allreduce_exposed_s": *' 'NF > 1 {split($2, v, /[,}]/); s += v[1]} END {printf "%.2f", s}' "$1/metrics.jsonl"; }
     declare -A exposed wall
-    for mode in on off; do
-      buckets=(); [ "$mode" = off ] && buckets=(--set train.bucket_cap_mb=1024)
+    for mode in full-on capped-on capped-off; do
+      [ "$mode" = capped-on ] && { cap_bandwidth nodeB 100mbit || fail "tc tbf on nodeB's link"; note "nodeB's link capped at 100 Mbit/s (tc tbf, both directions)"; }
+      buckets=(); [ "${mode#*-}" = off ] && buckets=(--set train.bucket_cap_mb=1024)
       t=$(now)
-      train_on nodeA:2,nodeB:2 4 "$WORK/overlap-$mode" "$WORK/overlap-$mode.log" --set "train.steps=$steps" "${buckets[@]}"
-      RUN="$WORK/overlap-$mode" LOG="$WORK/overlap-$mode.log" wait_exit 180
-      [ "$STATUS" -eq 0 ] || { tail -n 30 "$WORK/overlap-$mode.log"; fail "training over the capped link (overlap $mode) failed"; }
-      expect_in "$WORK/overlap-$mode.log" "done: $steps steps" "training to the end (overlap $mode)"
+      train_on nodeA:2,nodeB:2 4 "$WORK/$mode" "$WORK/$mode.log" --set "train.steps=$steps" "${buckets[@]}"
+      RUN="$WORK/$mode" LOG="$WORK/$mode.log" wait_exit 180
+      [ "$STATUS" -eq 0 ] || { tail -n 30 "$WORK/$mode.log"; fail "training ($mode) failed"; }
+      expect_in "$WORK/$mode.log" "done: $steps steps" "training to the end ($mode)"
       wall[$mode]=$(elapsed "$t")
-      exposed[$mode]=$(exposed_sum "$WORK/overlap-$mode")
-      note "overlap $mode: $steps steps in ${wall[$mode]} s, exposed all-reduce ${exposed[$mode]} s (rank 0)"
+      exposed[$mode]=$(exposed_sum "$WORK/$mode")
+      note "link ${mode%-*}, overlap ${mode#*-}: $steps steps in ${wall[$mode]} s, exposed all-reduce ${exposed[$mode]} s"
     done
     table_row "slow link: one node capped at 100 Mbit/s (tc tbf; 2 nodes x 2 ranks)" 4 "completes" \
-      "none; $steps steps: exposed all-reduce ${exposed[on]} s with overlap, ${exposed[off]} s without (one bucket)"
+      "none; exposed all-reduce over $steps steps: ${exposed[capped-on]} s with overlap, ${exposed[capped-off]} s without (one bucket); ${exposed[full-on]} s on the full link"
     ;;
 
   *) fail "unknown scenario '$SCENARIO'" ;;
