@@ -174,7 +174,7 @@ case "$SCENARIO" in
   partition)
     # The collective timeout is what ends the ranks: their TCP connections to the other side see
     # no error at all while the cable is out (packets just vanish).
-    TIMEOUT_S=5
+    TIMEOUT_S=10  # not 5: on a starved CPU a healthy rank can take 5 s to reach its first collectives
     # timed_out_ranks RUN: the ranks whose log has the collective timeout, e.g. "0 1 2 3".
     timed_out_ranks() {
       grep -lE "did not complete within $(( TIMEOUT_S * 1000 )) ms" "$1"/logs/rank-*.log 2>/dev/null \
