@@ -219,12 +219,14 @@ case "$SCENARIO" in
       "$(( last - from )) steps (last step $last, latest $from; interval $EVERY)"
 
     # 2. The moment a checkpoint save starts (its step-N.tmp folder appears), after a first one.
+    # model.dim=32: a checkpoint of ~10 MB, whose save lasts long enough to be cut in the middle.
     RUN="$WORK/run-save"
     LOG="$WORK/train-save.log"
     train_on nodeA:2,nodeB:2 4 "$RUN" "$LOG" --set train.steps=100000 --set "train.collective_timeout_s=$TIMEOUT_S" \
-      --set checkpoint.every=5
+      --set checkpoint.every=5 --set model.dim=32
     wait_until 180 checkpoint_at_least 5 || { tail -n 30 "$LOG"; fail "no checkpoint at step 5"; }
     saving=""
+    before=$(latest_step "$RUN")
     for _ in $(seq 1 3000); do  # 30 s in 10 ms polls: a save of this model takes ~0.2 s
       saving="$(compgen -G "$RUN/checkpoints/step-*.tmp" | grep -v "step-0*5\.tmp" | head -n 1)" && [ -n "$saving" ] && break
       sleep 0.01
@@ -232,7 +234,6 @@ case "$SCENARIO" in
     [ -n "$saving" ] || fail "no checkpoint save seen in 30 s"
     cut_link nodeB
     cut_at=$(now)
-    before=$(latest_step "$RUN")
     note "nodeB's link cut while $(basename "$saving") was being written (latest: step $before)"
     partition_until_ranks_exit "$cut_at"
     note "collective timeout in the logs of ranks: $(timed_out_ranks "$RUN")"
