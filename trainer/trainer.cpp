@@ -22,6 +22,7 @@
 #include "diffuse/build_config.h"
 #include "dist/communicator.h"
 #include "dist/reducer.h"
+#include "dist/timed_host_collective.h"
 #include "trainer/device_scope.h"
 #include "trainer/doctor.h"
 #include "trainer/ema.h"
@@ -70,10 +71,13 @@ torch::Device training_device(const dist::Context& ctx, DeviceChoice choice) {
   return dist::select_device(ctx, want_cuda);
 }
 
+std::chrono::milliseconds collective_timeout(const TrainConfig& t) {
+  return std::chrono::milliseconds(static_cast<int64_t>(t.collective_timeout_s * 1000));
+}
+
 std::unique_ptr<dist::Communicator> make_communicator(const dist::Context& ctx, torch::Device device,
                                                       const TrainConfig& t) {
-  dist::CommunicatorOptions options{
-      .timeout = std::chrono::milliseconds(static_cast<int64_t>(t.collective_timeout_s * 1000))};
+  dist::CommunicatorOptions options{.timeout = collective_timeout(t)};
   return device.is_cuda() ? dist::make_nccl_communicator(ctx, device, options)
                           : dist::make_mpi_communicator(ctx, options);
 }
@@ -146,6 +150,7 @@ struct Trainer::Parts {
                                                                 : options.run_dir)},
         device(checked_device(ctx, config)),
         comm(make_communicator(ctx, device, config.train)),
+        host(ctx, collective_timeout(config.train)),
         // Data first among the expensive parts: its errors (missing file, wrong size) are the commonest.
         loader(loader_options(ctx, config, device, options.hooks)),
         // Before any training: a missing eval.features or eval.ref must not surface hours later.
@@ -177,7 +182,7 @@ struct Trainer::Parts {
            .min_lr_ratio = config.train.min_lr_ratio},
         losses(config.diffusion.timesteps, device),
         guard(device),
-        checkpoints(run.checkpoints(), ctx,
+        checkpoints(run.checkpoints(), host,
                     RetentionPolicy{.keep_last = config.checkpoint.keep_last,
                                     .keep_every = config.checkpoint.keep_every},
                     options.hooks.after_shard_written),
@@ -208,6 +213,9 @@ struct Trainer::Parts {
   RunDirectory run;
   torch::Device device;
   std::unique_ptr<dist::Communicator> comm;  ///< gradients and device tensors (NCCL on CUDA, MPI on CPU)
+  /// The ranks' host messages during training (stop agreement, checkpoint protocol), bounded by
+  /// train.collective_timeout_s like comm: a rank cut off mid-save must not hang the others.
+  dist::TimedHostCollective host;
   data::Loader loader;
   std::unique_ptr<TrainingQuality> quality;  ///< the eval: section's evaluator (null without one)
   model::GaussianDiffusion diffusion;      ///< the online model
@@ -447,7 +455,7 @@ int Trainer::train_loop() {
     if (p.config.log.sample_every > 0 && (p.step % p.config.log.sample_every == 0 || last)) sample_grid();
     const bool new_best = p.quality && p.quality->due(p.step, last) && evaluate_quality();
     // Every rank must agree before anyone checkpoints: a signal may reach only some ranks.
-    bool stop = ctx.max_over_ranks(stop_signal().load()) > 0;
+    bool stop = p.host.max_over_ranks(stop_signal().load()) > 0;
     if (p.step % p.config.checkpoint.every == 0 || last || stop || new_best) {
       p.elapsed_before = elapsed();  // the checkpoint carries the total training time so far
       start = Clock::now();

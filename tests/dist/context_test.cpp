@@ -1,12 +1,14 @@
 // The MPI bootstrap: identity, helpers over the world, and the launcher/world consistency check
-// that stops N tasks which came up as N separate worlds.
+// that stops N tasks which came up as N separate worlds; TimedHostCollective delivers the same.
 #include "dist/context.h"
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <map>
 
+#include "dist/timed_host_collective.h"
 #include "mpi_support.h"
 
 namespace diffuse::dist {
@@ -109,26 +111,48 @@ TEST(Context, IdentityIsConsistentAcrossRanks) {
   EXPECT_EQ(ctx.max_over_ranks(ok ? 0 : 1), 0);
 }
 
-TEST(Context, GatherStringsDeliversEveryRanksStringToRootInRankOrder) {
-  const auto& ctx = world();
-  std::string mine(static_cast<size_t>(ctx.rank()), 'x');  // rank 0 sends an empty string
-  mine += "rank " + std::to_string(ctx.rank());
-  auto all = ctx.gather_strings(mine);
-  if (!ctx.is_root()) {
+// The HostCollective contract, for Context and for TimedHostCollective alike.
+void expect_gather_strings_in_rank_order(const HostCollective& host) {
+  std::string mine(static_cast<size_t>(host.rank()), 'x');  // rank 0 sends an empty string
+  mine += "rank " + std::to_string(host.rank());
+  auto all = host.gather_strings(mine);
+  if (!host.is_root()) {
     EXPECT_TRUE(all.empty());
     return;
   }
-  ASSERT_EQ(static_cast<int>(all.size()), ctx.world_size());
-  for (int r = 0; r < ctx.world_size(); ++r) {
+  ASSERT_EQ(static_cast<int>(all.size()), host.world_size());
+  for (int r = 0; r < host.world_size(); ++r) {
     EXPECT_EQ(all[r], std::string(static_cast<size_t>(r), 'x') + "rank " + std::to_string(r));
   }
 }
 
-TEST(Context, MaxOverRanksAndBarrier) {
-  const auto& ctx = world();
-  EXPECT_EQ(ctx.max_over_ranks(ctx.rank()), ctx.world_size() - 1);
-  EXPECT_EQ(ctx.max_over_ranks(-10LL * (ctx.rank() + 1)), -10);
-  ctx.barrier();
+void expect_max_and_broadcast(const HostCollective& host) {
+  EXPECT_EQ(host.max_over_ranks(host.rank()), host.world_size() - 1);
+  EXPECT_EQ(host.max_over_ranks(-10LL * (host.rank() + 1)), -10);
+  const int root = host.world_size() - 1;
+  EXPECT_EQ(host.broadcast_string(host.rank() == root ? "from the last rank" : "ignored", root), "from the last rank");
+  EXPECT_EQ(host.broadcast_string(host.rank() == 0 ? "" : "ignored", 0), "");
+}
+
+TEST(Context, GatherStringsDeliversEveryRanksStringToRootInRankOrder) {
+  expect_gather_strings_in_rank_order(world());
+}
+
+TEST(Context, MaxOverRanksBroadcastAndBarrier) {
+  expect_max_and_broadcast(world());
+  world().barrier();
+}
+
+TEST(TimedHostCollective, DeliversWhatContextDoes) {
+  TimedHostCollective host(world(), std::chrono::seconds(60));
+  EXPECT_EQ(host.rank(), world().rank());
+  EXPECT_EQ(host.world_size(), world().world_size());
+  expect_gather_strings_in_rank_order(host);
+  expect_max_and_broadcast(host);
+}
+
+TEST(TimedHostCollective, RefusesANonPositiveTimeout) {
+  EXPECT_THROW(TimedHostCollective(world(), std::chrono::milliseconds(0)), std::invalid_argument);
 }
 
 }  // namespace

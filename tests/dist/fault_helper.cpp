@@ -8,6 +8,8 @@
 //                                              no launcher: a world of one that was meant to be two
 //   mpirun -np 2 dist_fault_helper timeout thread|caller
 //                                              rank 1 joins the all_reduce after rank 0's timeout
+//   mpirun -np 2 dist_fault_helper host_timeout
+//                                              the same for TimedHostCollective's gather_strings
 #include <torch/torch.h>
 
 #include <iostream>
@@ -16,12 +18,20 @@
 
 #include "dist/communicator.h"
 #include "dist/context.h"
+#include "dist/timed_host_collective.h"
 
 namespace {
 
 using namespace diffuse::dist;
 
 int run(const Context& ctx, const std::string& scenario, const std::string& mode) {
+  if (scenario == "host_timeout") {
+    TimedHostCollective host(ctx, std::chrono::milliseconds(1000));
+    if (ctx.rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(4));
+    host.gather_strings("hello");
+    std::cout << "[rank " << ctx.rank() << "] survived the gather" << std::endl;
+    return 0;
+  }
   CommunicatorOptions options;
   if (scenario == "timeout") options.timeout = std::chrono::milliseconds(1000);
   options.mpi_progress = mode == "caller" ? MpiProgress::kCaller : MpiProgress::kThread;
@@ -45,8 +55,8 @@ int run(const Context& ctx, const std::string& scenario, const std::string& mode
 int main(int argc, char** argv) {
   std::string scenario = argc > 1 ? argv[1] : "";
   std::string mode = argc > 2 ? argv[2] : "thread";
-  if (scenario != "throw" && scenario != "terminate" && scenario != "timeout") {
-    std::cerr << "usage: dist_fault_helper throw|terminate|timeout [thread|caller]" << std::endl;
+  if (scenario != "throw" && scenario != "terminate" && scenario != "timeout" && scenario != "host_timeout") {
+    std::cerr << "usage: dist_fault_helper throw|terminate|timeout|host_timeout [thread|caller]" << std::endl;
     return 2;
   }
   std::optional<Context> started;

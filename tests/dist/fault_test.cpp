@@ -64,6 +64,18 @@ TEST(CollectiveTimeout, ThrowsNamingTheOperationAndEndsTheJob) {
   }
 }
 
+TEST(CollectiveTimeout, HostMessagesTooThrowNamingTheOperationAndEndTheJob) {
+  auto job = run_job(2, "host_timeout");
+  const auto& out = job.result.output;
+  EXPECT_NE(job.result.exit_code, 0) << out;
+  EXPECT_LT(job.seconds, 30.0) << out;
+  EXPECT_NE(out.find("[rank 0] MPI gather(strings) of 5 bytes from this rank on rank 0 of 2 did not complete within "
+                     "1000 ms"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("survived"), std::string::npos) << out;
+}
+
 TEST(Bootstrap, TasksThatCameUpAsSeparateWorldsStopWithHowToLaunch) {
   // What `srun` without --mpi=pmix does: the task believes it is one of 2, MPI says world of 1.
   auto result = run_command(

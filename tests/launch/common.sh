@@ -112,3 +112,58 @@ table_row() {
 expect_in() {  # expect_in FILE REGEX WHAT
   grep -qE -- "$2" "$1" || { note "--- $1"; tail -n 40 "$1"; fail "expected $3 (/$2/) in $1"; }
 }
+
+# --- A training job in the background: a script starts its launcher with `&`, sets LAUNCHER_PID,
+# and names its run directory RUN and console log LOG.
+
+# For on_exit, whatever a failed scenario left running: the ranks (every diffuse process whose
+# command line names a run in WORK: only ours) and the launchers that are still this shell's jobs.
+stop_leftovers() {
+  local rank pid
+  while read -r rank pid; do [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null; done < <(rank_pids "$WORK/")
+  for pid in $(jobs -p); do kill -KILL "$pid" 2>/dev/null; done
+}
+# Running (a zombie, exited but not reaped, is not).
+alive() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [ "${stat%% *}" != "Z" ]
+}
+launcher_done() { ! alive "$LAUNCHER_PID"; }
+
+# wait_exit LIMIT: waits for the launcher to exit (at most LIMIT s); sets STATUS.
+wait_exit() {
+  if ! wait_until "$1" launcher_done; then
+    note "still running after $1 s: $(rank_pids "$RUN")"
+    kill -KILL "$LAUNCHER_PID"
+    wait "$LAUNCHER_PID"
+    tail -n 40 "$LOG"
+    fail "the job did not end within $1 s"
+  fi
+  wait "$LAUNCHER_PID"
+  STATUS=$?
+}
+
+checkpoint_at_least() { [ "$(latest_step "$RUN")" -ge "$1" ]; }
+logged_at_least() { [ "$(last_logged_step "$RUN")" -ge "$1" ]; }
+
+# `diffuse inspect` verifies the manifest's sizes and SHA-256s of the checkpoint `latest` names.
+expect_latest_intact() {
+  local expected="$1"
+  [ "$(latest_step "$RUN")" -eq "$expected" ] || fail "latest names step $(latest_step "$RUN"), expected $expected"
+  "$EXE" inspect "$RUN/checkpoints/latest" >"$WORK/inspect.log" 2>&1 \
+    || { cat "$WORK/inspect.log"; fail "checkpoint latest (step $expected) is damaged"; }
+  local leftover
+  leftover="$(find "$RUN/checkpoints" -mindepth 1 -maxdepth 1 ! -name latest ! -name 'step-*' | head -n 3)"
+  [ -z "$leftover" ] || note "left in checkpoints/ (not checkpoints, ignored by --resume): $leftover"
+  local d
+  for d in "$RUN"/checkpoints/step-*; do
+    case "$d" in
+      # A save interrupted by the kill leaves its working folder; the next save removes it and
+      # --resume never reads it. Only published step folders must be complete.
+      *.tmp|*.trash|*.old) note "in-flight save left behind (ignored by --resume, removed by the next save): $d"; continue ;;
+    esac
+    [ -f "$d/manifest.json" ] || fail "$d looks like a checkpoint but has no manifest (half-written)"
+  done
+}

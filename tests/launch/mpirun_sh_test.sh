@@ -2,7 +2,7 @@
 # tests/launch/mpirun_sh_test.sh: launch/mpirun.sh prints the mpirun command it runs (with the
 # root flag only as root, oversubscription when ranks exceed cores), starts one world of N ranks
 # (`diffuse doctor` reports every rank), passes DIFFUSE_* variables to the ranks, and refuses a
-# bad rank count.
+# bad rank count or host list. (Across nodes, -H nodeA:2,nodeB:2: netns_test.sh mpirun.)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 mpirun_sh="$SRC/launch/mpirun.sh"
@@ -28,6 +28,8 @@ expect_in "$WORK/doctor.out" "rank +$(( ranks - 1 )) of $ranks" "one world of $r
 
 if bash "$mpirun_sh" -n zero -- doctor >"$WORK/bad.out" 2>&1; then fail "-n zero accepted"; fi
 expect_in "$WORK/bad.out" "positive number of ranks" "the rank-count error"
+if bash "$mpirun_sh" -n 2 -H "$WORK/no such hostfile" -- doctor >"$WORK/badhosts.out" 2>&1; then fail "a missing hostfile accepted"; fi
+expect_in "$WORK/badhosts.out" "-H expects a hostfile or HOST:SLOTS" "the -H error"
 if bash "$mpirun_sh" -n 2 >"$WORK/none.out" 2>&1; then fail "no subcommand accepted"; fi
 expect_in "$WORK/none.out" "usage" "the usage line"
 note "PASS"

@@ -10,10 +10,23 @@
 # machine and several can run at once. The node is this host (its name, all its CPUs); one partition
 # "test". Settings that work without cgroups and as root: proctrack/linuxproc, task/none,
 # SlurmUser=root. Needs Debian's slurmctld slurmd slurm-client munge (launch/setup.sh --with-slurm).
+#
+# Several nodes: on a cluster of tests/launch/netns_cluster.sh, `slurm_cluster_start DIR nodeA nodeB`
+# runs slurmctld on the first node and one slurmd on each (NodeAddr: its switch address); munged
+# stays on this host (its socket is a file, which every node sees). The controller is reachable
+# only from the nodes: run Slurm's commands with slurm_client (on the first node).
 
 SLURM_CLUSTER_DIR=""
 SLURM_CLUSTER_ERROR=""
+SLURM_CLUSTER_NODES=()
 _slurm_cluster_pids=()
+_slurm_client_prefix=()
+
+# slurm_client COMMAND...: a Slurm command (sbatch, srun, scontrol, ...) where the controller is reachable.
+# (`command`: a caller may wrap sbatch & co. in functions that call this.)
+slurm_client() {
+  if [ ${#_slurm_client_prefix[@]} -gt 0 ]; then "${_slurm_client_prefix[@]}" "$@"; else command "$@"; fi
+}
 
 # A TCP port nobody listens on now (the kernel's choice), on loopback.
 _slurm_free_port() {
@@ -30,10 +43,12 @@ _slurm_fail() {
   return 1
 }
 
-# slurm_cluster_start DIR: starts the cluster; returns non-zero with SLURM_CLUSTER_ERROR set when
-# Slurm is missing or cannot start (the caller decides whether that is a skip or a failure).
+# slurm_cluster_start DIR [NODE...]: starts the cluster; returns non-zero with SLURM_CLUSTER_ERROR
+# set when Slurm is missing or cannot start (the caller decides whether that is a skip or a failure).
 slurm_cluster_start() {
   SLURM_CLUSTER_DIR="$(mkdir -p "$1" && cd "$1" && pwd)"
+  shift
+  SLURM_CLUSTER_NODES=("$@")
   local d="$SLURM_CLUSTER_DIR" tool
   # The daemons live in sbin, which a non-login PATH may lack.
   case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
@@ -68,17 +83,35 @@ slurm_cluster_start() {
   [ -S "$d/munge/munge.socket" ] || { _slurm_fail "munged made no socket in 5 s"; return 1; }
 
   # --- slurm.conf -------------------------------------------------------------------------------
-  local host ctld_port slurmd_port cpus memory
-  host="$(hostname -s)"
+  local host ctld_port slurmd_port cpus memory ctld_addr node nodes_conf="" tmpfs
+  if [ ${#SLURM_CLUSTER_NODES[@]} -gt 0 ]; then
+    host="${SLURM_CLUSTER_NODES[0]}"
+    ctld_addr="$(node_address "$host")"
+    node_command "$host" || { _slurm_fail "no node '$host'"; return 1; }
+    _slurm_client_prefix=("${NODE_COMMAND[@]}")
+    tmpfs="$NETNS_NODE_LOCAL"  # per node: PMIx makes its step folders there
+  else
+    tmpfs="$d/run"
+    host="$(hostname -s)"
+    ctld_addr=127.0.0.1
+    SLURM_CLUSTER_NODES=("$host")
+    _slurm_client_prefix=()
+  fi
   ctld_port="$(_slurm_free_port)"
   slurmd_port="$(_slurm_free_port)"
   while [ "$slurmd_port" = "$ctld_port" ]; do slurmd_port="$(_slurm_free_port)"; done
   cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it answers OMP_NUM_THREADS when that is set
-  memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+  for node in "${SLURM_CLUSTER_NODES[@]}"; do mkdir -p "$d/spool/$node"; done
+  memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 / ${#SLURM_CLUSTER_NODES[@]} ))
+  for node in "${SLURM_CLUSTER_NODES[@]}"; do
+    local addr=127.0.0.1
+    [ "$ctld_addr" = 127.0.0.1 ] || addr="$(node_address "$node")"
+    nodes_conf+="NodeName=$node NodeAddr=$addr CPUs=$cpus RealMemory=$memory State=UNKNOWN"$'\n'
+  done
   cat >"$d/slurm.conf" <<EOF
 # A one-node test cluster made by tests/launch/slurm_cluster.sh.
 ClusterName=diffusetest
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
@@ -90,11 +123,11 @@ AuthInfo=socket=$d/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$d/state
-SlurmdSpoolDir=$d/spool
+SlurmdSpoolDir=$d/spool/%n
 SlurmctldPidFile=$d/run/slurmctld.pid
-SlurmdPidFile=$d/run/slurmd.pid
+SlurmdPidFile=$d/run/slurmd-%n.pid
 SlurmctldLogFile=$d/log/slurmctld.log
-SlurmdLogFile=$d/log/slurmd.log
+SlurmdLogFile=$d/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -118,9 +151,8 @@ MessageTimeout=10
 KillWait=5
 InactiveLimit=0
 MinJobAge=300
-TmpFS=$d/run
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
-PartitionName=test Nodes=$host Default=YES MaxTime=60 State=UP OverSubscribe=NO
+TmpFS=$tmpfs
+${nodes_conf}PartitionName=test Nodes=$(IFS=,; echo "${SLURM_CLUSTER_NODES[*]}") Default=YES MaxTime=60 State=UP OverSubscribe=NO
 EOF
   export SLURM_CONF="$d/slurm.conf"
   # Variables of an enclosing real job (a test run inside an allocation) would confuse srun/sbatch.
@@ -128,23 +160,28 @@ EOF
   for v in $(compgen -e | grep -E '^(SLURM_|SBATCH_|SRUN_|SALLOC_)' | grep -v '^SLURM_CONF$'); do unset "$v"; done
 
   # --- daemons ----------------------------------------------------------------------------------
-  slurmctld -D -i -f "$d/slurm.conf" >"$d/log/slurmctld.out" 2>&1 &
+  # Each daemon on its node; the prefix execs it, so $! is the daemon itself.
+  slurm_client slurmctld -D -i -f "$d/slurm.conf" >"$d/log/slurmctld.out" 2>&1 &
   _slurm_cluster_pids+=("$!")
-  slurmd -D -f "$d/slurm.conf" -N "$host" >"$d/log/slurmd.out" 2>&1 &
-  _slurm_cluster_pids+=("$!")
+  for node in "${SLURM_CLUSTER_NODES[@]}"; do
+    local NODE_COMMAND=()
+    [ "$ctld_addr" = 127.0.0.1 ] || node_command "$node"
+    "${NODE_COMMAND[@]}" slurmd -D -f "$d/slurm.conf" -N "$node" >"$d/log/slurmd-$node.out" 2>&1 &
+    _slurm_cluster_pids+=("$!")
+  done
 
-  # Ready when the node is idle (slurmd registered with slurmctld).
+  # Ready when every node is idle (its slurmd registered with slurmctld).
   local state=""
   for i in $(seq 1 60); do
-    state="$(sinfo -h -N -n "$host" -o '%T' 2>/dev/null || true)"
-    [ "$state" = "idle" ] && return 0
+    state="$(slurm_client sinfo -h -N -o '%T' 2>/dev/null | sort -u | tr '\n' ' ' || true)"
+    [ "$state" = "idle " ] && [ "$(slurm_client sinfo -h -N -o '%N' 2>/dev/null | wc -l)" -eq ${#SLURM_CLUSTER_NODES[@]} ] && return 0
     local pid
     for pid in "${_slurm_cluster_pids[@]}"; do
       _slurm_alive "$pid" || { _slurm_fail "a Slurm daemon (pid $pid) exited during start-up"; return 1; }
     done
     sleep 0.5
   done
-  _slurm_fail "the node did not become idle in 30 s (state '${state:-none}')"
+  _slurm_fail "the nodes did not become idle in 30 s (states '${state:-none}')"
 }
 
 # Running (a zombie, exited but not yet reaped by its parent, is not).
@@ -174,9 +211,9 @@ slurm_cluster_stop() {
   local pid i
   [ ${#_slurm_cluster_pids[@]} -gt 0 ] || return 0
   if [ -n "${SLURM_CONF:-}" ]; then
-    timeout 5 scancel --full --quiet 2>/dev/null || true
+    slurm_client timeout 5 scancel --full --quiet 2>/dev/null || true
     for i in $(seq 1 50); do
-      [ -z "$(timeout 5 squeue -h -o %i 2>/dev/null)" ] && break
+      [ -z "$(slurm_client timeout 5 squeue -h -o %i 2>/dev/null)" ] && break
       sleep 0.2
     done
   fi

@@ -13,52 +13,92 @@
 #  3. A rank killed (SIGKILL) inside the job: srun --kill-on-bad-exit ends the other rank, the
 #     job fails (no requeue) within 60 s, and the log names the task.
 #
-# Skips (exit 77) only when the cluster cannot start (no Slurm installed, not root); the reason is
-# printed. launch/test.sh installs Slurm, so in CI this runs. About 2.5 minutes on 2 cores.
+# `slurm_test.sh two-nodes`: the same on two nodes (tests/launch/netns_cluster.sh: network + UTS
+# namespaces, slurmctld on nodeA, a slurmd on each): doctor under `srun --mpi=pmix -N 2` places
+# ranks 0,1 on nodeA and 2,3 on nodeB, and the preemption cycle (2 above) runs train.sbatch with
+# --nodes=2 --ntasks-per-node=2 and srun --mpi=pmix, against an uninterrupted 2 x 2 mpirun run
+# (LAUNCHER=mpirun across the two nodes: see the note below). Ranks talk over TCP across the nodes' links (OMPI_MCA_btl=tcp,self).
+#
+# Skips (exit 77) only when the cluster cannot start (no Slurm installed, not root, no
+# namespaces); the reason is printed. launch/test.sh installs Slurm, so in CI this runs. About 2.5
+# minutes on 2 cores (two-nodes: about 2).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/slurm_cluster.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/netns_cluster.sh"
 
-STEPS=${SLURM_TEST_STEPS:-200}
+MODE="${1:-one-node}"
+case "$MODE" in
+  one-node) NODES=1; STEPS=${SLURM_TEST_STEPS:-200} ;;
+  two-nodes) NODES=2; STEPS=${SLURM_TEST_STEPS:-80} ;;  # 4 ranks on 2 cores: slower steps
+  *) fail "usage: slurm_test.sh [one-node|two-nodes]" ;;
+esac
+RANKS=$(( 2 * NODES ))
 # Identical training arguments for the Slurm job and the uninterrupted reference.
 TRAIN_ARGS=(--set "data.path=$WORK/shapes16.h5" --set "train.steps=$STEPS" --set log.every=5
             --set checkpoint.every=50)
 
 on_exit slurm_cluster_stop
+on_exit netns_cluster_stop  # after Slurm's: its commands run on nodeA
 on_failure() {
   local f
-  for f in "$WORK"/cluster/log/slurmctld.log "$WORK"/cluster/log/slurmd.log; do
+  for f in "$WORK"/cluster/log/slurmctld.log "$WORK"/cluster/log/slurmd-*.log; do
     [ -f "$f" ] && { echo "--- $f (last 25 lines)"; tail -n 25 "$f"; }
   done
 }
-slurm_cluster_start "$WORK/cluster" || skip "no Slurm cluster: $SLURM_CLUSTER_ERROR"
-note "Slurm up: $(sinfo -h -o '%P %D %c %T')  (SLURM_CONF=$SLURM_CONF)"
+if [ "$NODES" -gt 1 ]; then
+  netns_cluster_start "$WORK/nodes" "$NODES" || skip "no namespace cluster: $NETNS_CLUSTER_ERROR"
+  export OMPI_MCA_btl=tcp,self
+  slurm_cluster_start "$WORK/cluster" "${NETNS_NODES[@]}" || skip "no Slurm cluster: $SLURM_CLUSTER_ERROR"
+else
+  slurm_cluster_start "$WORK/cluster" || skip "no Slurm cluster: $SLURM_CLUSTER_ERROR"
+fi
+note "Slurm up: $(slurm_client sinfo -h -o '%P %D %c %T')  (SLURM_CONF=$SLURM_CONF)"
+# Slurm's commands where the controller is reachable (nodeA's namespace with two nodes).
+sbatch() { slurm_client sbatch "$@"; }
+scontrol() { slurm_client scontrol "$@"; }
+scancel() { slurm_client scancel "$@"; }
+cd "$WORK" || fail "cannot enter $WORK"
 make_dataset
 
 # --- 1. doctor under srun ---------------------------------------------------------------------
-timeout 120 srun --mpi=pmix -n 2 "$EXE" doctor >"$WORK/doctor.out" 2>&1 || { cat "$WORK/doctor.out"; fail "doctor under srun --mpi=pmix"; }
-expect_in "$WORK/doctor.out" "diffuse doctor: rank 0" "rank 0's report"
-expect_in "$WORK/doctor.out" "diffuse doctor: rank 1" "rank 1's report"
-expect_in "$WORK/doctor.out" "rank +1 of 2" "rank 1 of a world of 2"
-expect_in "$WORK/doctor.out" "SLURM_NTASKS=2" "the launcher's world size"
-[ "$(grep -c 'verdict *usable' "$WORK/doctor.out")" -eq 2 ] || { cat "$WORK/doctor.out"; fail "both ranks usable"; }
-if timeout 120 srun --mpi=none -n 2 "$EXE" doctor >"$WORK/doctor-nopmix.out" 2>&1; then
-  cat "$WORK/doctor-nopmix.out"; fail "doctor must fail when srun starts 2 worlds of one (no --mpi=pmix)"
+slurm_client timeout 120 srun --mpi=pmix -N "$NODES" --ntasks-per-node=2 "$EXE" doctor >"$WORK/doctor.out" 2>&1 \
+  || { cat "$WORK/doctor.out"; fail "doctor under srun --mpi=pmix"; }
+for ((r = 0; r < RANKS; ++r)); do expect_in "$WORK/doctor.out" "diffuse doctor: rank $r" "rank $r's report"; done
+expect_in "$WORK/doctor.out" "rank +$(( RANKS - 1 )) of $RANKS" "rank $(( RANKS - 1 )) of a world of $RANKS"
+expect_in "$WORK/doctor.out" "SLURM_NTASKS=$RANKS" "the launcher's world size"
+[ "$(grep -c 'verdict *usable' "$WORK/doctor.out")" -eq "$RANKS" ] || { cat "$WORK/doctor.out"; fail "every rank usable"; }
+if [ "$NODES" -gt 1 ]; then
+  # Each rank's block starts "diffuse doctor: rank N".
+  awk '/diffuse doctor: rank/ {r = $NF} /^ *host / {print r, $2} /^ *local rank / {print r, "local", $3}' \
+    "$WORK/doctor.out" | sort >"$WORK/placement"
+  printf '%s\n' "0 local 0" "0 nodeA" "1 local 1" "1 nodeA" "2 local 0" "2 nodeB" "3 local 1" "3 nodeB" | sort \
+    | diff - "$WORK/placement" || { cat "$WORK/doctor.out"; fail "ranks 0,1 on nodeA and 2,3 on nodeB, local ranks 0,1 on each"; }
+  note "doctor under srun --mpi=pmix -N 2: ranks 0,1 on nodeA, 2,3 on nodeB, local ranks 0,1 on each"
 fi
-expect_in "$WORK/doctor-nopmix.out" "[Pp][Mm][Ii][Xx]" "the advice to use PMIx"
-note "doctor: both ranks report under srun --mpi=pmix; --mpi=none is refused"
+if [ "$NODES" -eq 1 ]; then
+  if slurm_client timeout 120 srun --mpi=none -n 2 "$EXE" doctor >"$WORK/doctor-nopmix.out" 2>&1; then
+    cat "$WORK/doctor-nopmix.out"; fail "doctor must fail when srun starts 2 worlds of one (no --mpi=pmix)"
+  fi
+  expect_in "$WORK/doctor-nopmix.out" "[Pp][Mm][Ii][Xx]" "the advice to use PMIx"
+  note "doctor: both ranks report under srun --mpi=pmix; --mpi=none is refused"
+fi
 
 # --- 2. preemption: USR1 -> checkpoint -> requeue -> resume -------------------------------------
 # The reference: the same run, never interrupted.
-mpirun_n 2 "$EXE" train -c "$TINY" --run-dir "$WORK/reference" "${TRAIN_ARGS[@]}" >"$WORK/reference.log" 2>&1 \
-  || { tail -n 30 "$WORK/reference.log"; fail "uninterrupted reference run"; }
-note "reference: $STEPS steps uninterrupted under mpirun -np 2"
+if [ "$NODES" -gt 1 ]; then
+  on_node nodeA mpirun -np "$RANKS" --host nodeA:2,nodeB:2 --bind-to none "$EXE" train -c "$TINY" \
+    --run-dir "$WORK/reference" "${TRAIN_ARGS[@]}" >"$WORK/reference.log" 2>&1
+else
+  mpirun_n 2 "$EXE" train -c "$TINY" --run-dir "$WORK/reference" "${TRAIN_ARGS[@]}" >"$WORK/reference.log" 2>&1
+fi || { tail -n 30 "$WORK/reference.log"; fail "uninterrupted reference run"; }
+note "reference: $STEPS steps uninterrupted under mpirun, $NODES node(s) x 2 ranks"
 
 # submit RUN_DIR [train args...]: the real train.sbatch, its #SBATCH lines overridden for a 2-core box.
 submit() {
   local run_dir="$1"
   shift
   CONFIG="$TINY" RUN_DIR="$run_dir" DIFFUSE_EXE="$EXE" DIFFUSE_ROOT="$SRC" LAUNCHER="${LAUNCHER:-srun}" \
-    sbatch --parsable --chdir="$WORK" --output="$WORK/slurm-%j.out" --nodes=1 --ntasks-per-node=2 \
+    sbatch --parsable --chdir="$WORK" --output="$WORK/slurm-%j.out" --nodes="$NODES" --ntasks-per-node=2 \
     --cpus-per-task=1 --gpus-per-node=0 --time=5 "$SRC/launch/slurm/train.sbatch" "$@"
 }
 job_field() { scontrol show job "$1" 2>/dev/null | grep -oE "(^| )$2=[^ ]*" | head -n 1 | cut -d= -f2; }
@@ -103,10 +143,15 @@ preempt_and_resume() {
       || fail "$weights weights after preemption + requeue ($launcher) differ from the uninterrupted run"
   done
   note "requeued job resumed at step $stopped_at, finished $STEPS steps; online and EMA weights identical to the uninterrupted run"
-  table_row "preemption: USR1 to train.sbatch, checkpoint, requeue, resume (Slurm, LAUNCHER=$launcher)" 2 \
+  local where=""; [ "$NODES" -gt 1 ] && where=", $NODES nodes"
+  table_row "preemption: USR1 to train.sbatch, checkpoint, requeue, resume (Slurm, LAUNCHER=$launcher$where)" "$RANKS" \
     "${stop_seconds} s to checkpoint and requeue" "0 steps (stopped and resumed at step $stopped_at)"
 }
 preempt_and_resume srun
+# Open: on two nodes, LAUNCHER=mpirun (mpirun inside the allocation, orted started by srun on
+# nodeB) starts all 4 ranks, which never get past MPI_Init (no output, no error, 90 s); not yet
+# understood, so the two-node run covers srun only.
+if [ "$NODES" -gt 1 ]; then note "PASS (LAUNCHER=srun; LAUNCHER=mpirun on two nodes is open)"; exit 0; fi
 preempt_and_resume mpirun
 
 # --- sample.sbatch on the finished run --------------------------------------------------------------
