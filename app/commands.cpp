@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 
 #include "app/test_hooks.h"
 #include "data/dataset_identity.h"
@@ -22,6 +23,7 @@
 #include "trainer/logging.h"
 #include "trainer/memory.h"
 #include "trainer/model_factory.h"
+#include "trainer/posthoc_ema.h"
 #include "trainer/progress.h"
 #include "trainer/sample_quality.h"
 #include "trainer/sampling.h"
@@ -55,7 +57,7 @@ std::unique_ptr<dist::Communicator> command_communicator(const dist::Context& ct
 }
 
 struct SampleArgs {
-  std::string ckpt, sampler = "ddim", out, out_dir, out_h5, weights = "ema", device = "auto";
+  std::string ckpt, sampler = "auto", out, out_dir, out_h5, weights = "ema", device = "auto";
   int64_t n = 64, steps = 50, seed = 0, batch = 16;
   double eta = 0.0;
   bool overwrite = false;
@@ -63,7 +65,23 @@ struct SampleArgs {
   // --classes-file FILE (one class per image); guidance as the reference's sampler.
   std::string classes, classes_file;
   double guidance = 6.0, rescaled_phi = 0.7;
+  std::string posthoc;  ///< --posthoc-sigma-rel: synthesized post-hoc EMA weights instead of --weights
 };
+
+/// "0.05,0.1" -> {"0.05", "0.1"} (empty entries dropped).
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    if (!item.empty()) items.push_back(item);
+  }
+  return items;
+}
+
+/// The weights a command loads: --posthoc-sigma-rel's synthesized profile, else --weights.
+std::string chosen_weights(const std::string& weights, const std::string& posthoc) {
+  return posthoc.empty() ? weights : trainer::kPosthocWeights + posthoc;
+}
 
 /// The per-image classes a sample command asks for (undefined for an unconditional model), and the
 /// images per grid row; updates n for --classes-file.
@@ -126,8 +144,9 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args_in) {
   }
   check_sample_outputs(args_in);
   auto device = command_device(ctx, args_in.device);
-  auto loaded = load_with_progress(ctx, args_in.ckpt, args_in.weights, device);
+  auto loaded = load_with_progress(ctx, args_in.ckpt, chosen_weights(args_in.weights, args_in.posthoc), device);
   SampleArgs args = args_in;
+  args.sampler = loaded.diffusion.sampler_name(args.sampler);
   int64_t per_row = 0;
   auto classes = sample_classes(args, loaded, per_row);
   if (args.n != args_in.n) check_sample_outputs(args);  // --out-dir: the files of every class's images
@@ -143,7 +162,7 @@ int run_sample(const dist::Context& ctx, const SampleArgs& args_in) {
                                              .cond_scale = args.guidance, .rescaled_phi = args.rescaled_phi},
                                  .classes = classes,
                                  .on_progress = [&progress](int64_t images) { progress.advance(images); }};
-  auto all = trainer::sample_images(*loaded.diffusion, *comm, request);
+  auto all = trainer::sample_images(loaded.diffusion, *comm, request);
   progress.finish();
   if (ctx.is_root()) {
     if (!args.out.empty()) {
@@ -184,15 +203,18 @@ int run_export(const dist::Context& ctx, const std::string& ckpt, const std::str
   auto loaded = load_with_progress(ctx, ckpt, weights, torch::kCPU);
   std::map<std::string, std::string> metadata{
       {"format", "diffuse"},
-      {"unet_options", trainer::unet_options_json(loaded.config.model)},
-      {"diffusion_options", trainer::diffusion_options(loaded.config).to_json()},
+      {"model_type", trainer::to_string(loaded.config.model.type)},
+      {"unet_options", trainer::unet_options_json(loaded.config)},
+      {"diffusion_type", trainer::to_string(loaded.config.diffusion.type)},
+      {"diffusion_options", trainer::diffusion_options_json(loaded.config)},
       {"step", std::to_string(loaded.step)},
       {"weights", loaded.weights},
   };
-  model::save_safetensors(out, model::state_dict(*loaded.diffusion->denoiser()), metadata, overwrite);
-  std::cout << "wrote " << out << " (U-Net state dict, " << loaded.weights << " weights, step " << loaded.step
-            << "); in Python: "
-            << (loaded.diffusion->conditional() ? "denoising_diffusion_pytorch.classifier_free_guidance.Unet" : "Unet")
+  model::save_safetensors(out, model::state_dict(*loaded.diffusion.denoiser()), metadata, overwrite);
+  const std::string network = loaded.diffusion.network_class();
+  std::cout << "wrote " << out << " (" << network << " state dict, " << loaded.weights << " weights, step "
+            << loaded.step << "); in Python: "
+            << (network == "ConditionalUnet" ? "denoising_diffusion_pytorch.classifier_free_guidance.Unet" : network)
             << "(...).load_state_dict(safetensors.torch.load_file('" << out << "'))\n";
   return 0;
 }
@@ -202,7 +224,8 @@ struct EvalArgs {
   std::string classes = "labels";  ///< conditional model: "labels" (each image's own) or one class K
   int64_t n = 1000, batch = 16, seed = 0;
   bool fid = false;
-  std::string features, ref, sampler = "ddim", images;
+  std::string features, ref, sampler = "auto", images;
+  std::string posthoc;  ///< --posthoc-sigma-rel: one width, or a comma-separated sweep (--fid)
   int64_t steps = 50, kid_subsets = 100, kid_subset_size = 1000;
   double eta = 0.0, guidance = 6.0, rescaled_phi = 0.7;
 };
@@ -232,13 +255,15 @@ void print_quality_table(const trainer::QualityResult& result, const std::string
 /// FID, KID and precision/recall of the checkpoint's samples against --ref (`eval --fid`). A
 /// class-conditional model's sample i gets class i mod K (--classes K: every sample class K),
 /// guided as `diffuse sample` guides, like the training run's evaluations.
-void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::LoadedModel& loaded,
-                      std::optional<int64_t> fixed_class, torch::Device device, dist::Communicator& comm) {
+trainer::QualityResult run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::LoadedModel& loaded,
+                                        std::optional<int64_t> fixed_class, torch::Device device,
+                                        dist::Communicator& comm) {
   auto [network, reference] = quality_inputs(args, device);
+  const std::string sampler = loaded.diffusion.sampler_name(args.sampler);
   trainer::Progress progress({.label = "sampling for FID", .total = args.n, .unit = "images", .enabled = ctx.is_root()});
   trainer::QualityRequest request{
       .sampling = {.n = args.n, .seed = static_cast<uint64_t>(args.seed), .batch = args.batch,
-                   .options = {.sampler = args.sampler, .steps = args.steps, .eta = args.eta,
+                   .options = {.sampler = sampler, .steps = args.steps, .eta = args.eta,
                                .cond_scale = args.guidance, .rescaled_phi = args.rescaled_phi},
                    .on_progress = [&progress](int64_t images) { progress.advance(images); }},
       .metrics = {.kid = {.subsets = args.kid_subsets, .subset_size = args.kid_subset_size, .seed = 0}}};
@@ -246,7 +271,7 @@ void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::L
                                                          {"step", std::to_string(loaded.step)},
                                                          {"weights", util::json::quote(loaded.weights)},
                                                          {"ranks", std::to_string(comm.size())}};
-  if (const int64_t k = loaded.diffusion->num_classes(); k > 0) {
+  if (const int64_t k = loaded.diffusion.num_classes(); k > 0) {
     auto classes = fixed_class ? std::vector<int64_t>{*fixed_class} : trainer::parse_class_list("all", k);
     request.sampling.classes = trainer::cycled_classes(args.n, classes);
     extra.emplace_back("classes", util::json::quote(fixed_class ? std::to_string(*fixed_class)
@@ -254,16 +279,48 @@ void run_eval_quality(const dist::Context& ctx, const EvalArgs& args, trainer::L
     extra.emplace_back("guidance", util::json::number(args.guidance));
     extra.emplace_back("rescaled_phi", util::json::number(args.rescaled_phi));
   }
-  auto result = trainer::evaluate_sample_quality(*loaded.diffusion, comm, network, reference, request);
+  auto result = trainer::evaluate_sample_quality(loaded.diffusion, comm, network, reference, request);
   progress.finish();
-  if (!ctx.is_root()) return;
+  if (!ctx.is_root()) return result;
   for (const auto& warning : result.warnings) trainer::log::warn("{}", warning);
   std::cout << trainer::quality_json(result, network.info(), reference, trainer::sampling_json_fields(request), extra)
             << "\n";
   print_quality_table(result, fmt::format("sample quality of {} samples ({} {} steps, eta {}, {} weights, step {}) "
                                           "against {} ({} images), features {}",
-                                          result.n, args.sampler, args.steps, args.eta, loaded.weights, loaded.step,
+                                          result.n, sampler, args.steps, args.eta, loaded.weights, loaded.step,
                                           args.ref, reference.n, network.info().name));
+  return result;
+}
+
+/// `eval --fid --posthoc-sigma-rel 0.05,0.1,0.2`: each profile synthesized and measured in turn (the
+/// same samples' noise for each), then the best by FID.
+int run_posthoc_sweep(const dist::Context& ctx, const EvalArgs& args, const std::vector<std::string>& sigma_rels) {
+  if (!args.fid || !args.data.empty() || args.classes != "labels") {
+    throw std::invalid_argument("eval --posthoc-sigma-rel " + args.posthoc +
+                                ": a list of widths is a sweep by FID; give it with --fid (and without --data or "
+                                "--classes)");
+  }
+  for (const auto& sigma_rel : sigma_rels) trainer::parse_posthoc_sigma_rel(sigma_rel);  // all refused up front
+  auto device = command_device(ctx, args.device);
+  auto comm = command_communicator(ctx, device);
+  std::vector<std::pair<std::string, double>> fids;
+  for (const auto& sigma_rel : sigma_rels) {
+    auto loaded = load_with_progress(ctx, args.ckpt, trainer::kPosthocWeights + sigma_rel, device);
+    fids.emplace_back(sigma_rel, run_eval_quality(ctx, args, loaded, std::nullopt, device, *comm).fid);
+  }
+  if (!ctx.is_root()) return 0;
+  auto best = std::min_element(fids.begin(), fids.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  std::string rows;
+  for (const auto& [sigma_rel, fid] : fids) {
+    rows += (rows.empty() ? "" : ", ") + fmt::format("{{\"sigma_rel\": {}, \"fid\": {}}}", sigma_rel,
+                                                     util::json::number(fid));
+  }
+  std::cout << fmt::format("{{\"posthoc_sweep\": [{}], \"best_sigma_rel\": {}, \"best_fid\": {}}}\n", rows,
+                           best->first, util::json::number(best->second));
+  std::cout << fmt::format("best post-hoc EMA width by FID: sigma_rel {} (FID {:.4f}); export it with diffuse export "
+                           "--ckpt {} --posthoc-sigma-rel {} --out ...\n",
+                           best->first, best->second, args.ckpt, best->first);
+  return 0;
 }
 
 /// The same metrics for a dataset's first --n images instead of samples (`eval --fid --images`):
@@ -311,15 +368,16 @@ int run_eval(const dist::Context& ctx, const EvalArgs& args) {
   if (!args.fid && args.data.empty()) {
     throw std::invalid_argument("diffuse eval: give --data FILE.h5 (the variational bound) and/or --fid");
   }
+  if (auto sigma_rels = split_list(args.posthoc); sigma_rels.size() > 1) return run_posthoc_sweep(ctx, args, sigma_rels);
   auto device = command_device(ctx, args.device);
-  auto loaded = load_with_progress(ctx, args.ckpt, args.weights, device);
+  auto loaded = load_with_progress(ctx, args.ckpt, chosen_weights(args.weights, args.posthoc), device);
   std::optional<int64_t> fixed_class;
   if (args.classes != "labels") {
-    if (!loaded.diffusion->conditional()) {
+    if (!loaded.diffusion.conditional()) {
       throw std::invalid_argument("--classes " + args.classes + ": " + args.ckpt +
                                   " holds an unconditional model (model.num_classes=0); evaluate without --classes");
     }
-    auto list = trainer::parse_class_list(args.classes, loaded.diffusion->num_classes());
+    auto list = trainer::parse_class_list(args.classes, loaded.diffusion.num_classes());
     if (list.size() != 1) {
       throw std::invalid_argument("eval --classes " + args.classes +
                                   ": give 'labels' (each image's label; --fid: class i mod K for sample i) or one "
@@ -327,13 +385,17 @@ int run_eval(const dist::Context& ctx, const EvalArgs& args) {
     }
     fixed_class = list[0];
   }
+  if (!args.data.empty() && loaded.diffusion.gaussian() == nullptr) {
+    throw std::invalid_argument("diffuse eval --data: the variational bound (bits/dim) is defined for diffusion.type: "
+                                "gaussian; " + args.ckpt + " holds an elucidated model: measure it with --fid");
+  }
   auto comm = command_communicator(ctx, device);
   if (args.fid) run_eval_quality(ctx, args, loaded, fixed_class, device, *comm);
   if (args.data.empty()) return 0;
   trainer::Progress progress({.label = "evaluating the bound", .total = args.n, .unit = "images",
                               .enabled = ctx.is_root()});
   auto bound = trainer::evaluate_bits_per_dim(
-      *loaded.diffusion, *comm,
+      *loaded.diffusion.gaussian(), *comm,
       {.data = args.data, .n = args.n, .batch = args.batch, .seed = static_cast<uint64_t>(args.seed),
        .fixed_class = fixed_class,
        .on_progress = [&progress](int64_t images) { progress.advance(images); }});
@@ -421,12 +483,16 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
   cmd->add_option("--ckpt", args->ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
   auto* n = cmd->add_option("--n", args->n, "Number of images (with --classes: of each class)")
                 ->check(positive_integer());
-  cmd->add_option("--sampler", args->sampler, "ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
+  cmd->add_option("--sampler", args->sampler, "auto (ddim; heun for an elucidated model), ddim or ddpm; heun or dpmpp")
+      ->check(CLI::IsMember({"auto", "ddim", "ddpm", "heun", "dpmpp"}));
   cmd->add_option("--steps", args->steps, "DDIM steps (ddpm uses every timestep)")->check(positive_integer());
   cmd->add_option("--eta", args->eta, "DDIM eta (0: deterministic given the noise)");
   cmd->add_option("--seed", args->seed, "Seed of the initial noise");
   cmd->add_option("--batch", args->batch, "Images per forward pass")->check(positive_integer());
-  cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  auto* weights = cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  cmd->add_option("--posthoc-sigma-rel", args->posthoc,
+                  "Post-hoc EMA weights of this relative width, synthesized from the run's snapshots (ema.posthoc)")
+      ->excludes(weights);
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--out", args->out, "Write one grid PNG");
   cmd->add_option("--out-dir", args->out_dir, "Write one PNG per image into this folder");
@@ -451,15 +517,18 @@ void add_sample_command(CLI::App& app, CommandAction& action) {
 void add_export_command(CLI::App& app, CommandAction& action) {
   auto* cmd = app.add_subcommand("export", "Export U-Net weights as safetensors, loadable by denoising-diffusion-pytorch");
   auto ckpt = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
-       weights = std::make_shared<std::string>("ema");
+       weights = std::make_shared<std::string>("ema"), posthoc = std::make_shared<std::string>();
   auto overwrite = std::make_shared<bool>(false);
   cmd->add_option("--ckpt", *ckpt, "Checkpoint directory, RUN/checkpoints/latest or RUN")->required();
   cmd->add_option("--out", *out, "Output .safetensors file")->required();
-  cmd->add_option("--weights", *weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  auto* weights_option = cmd->add_option("--weights", *weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  cmd->add_option("--posthoc-sigma-rel", *posthoc,
+                  "Post-hoc EMA weights of this relative width, synthesized from the run's snapshots (ema.posthoc)")
+      ->excludes(weights_option);
   cmd->add_flag("--overwrite", *overwrite, "Replace an existing output file (never anything but a regular file)");
-  cmd->callback([&action, ckpt, out, weights, overwrite] {
-    action = [ckpt, out, weights, overwrite](const dist::Context& ctx) {
-      return ctx.is_root() ? run_export(ctx, *ckpt, *out, *weights, *overwrite) : 0;
+  cmd->callback([&action, ckpt, out, weights, posthoc, overwrite] {
+    action = [ckpt, out, weights, posthoc, overwrite](const dist::Context& ctx) {
+      return ctx.is_root() ? run_export(ctx, *ckpt, *out, chosen_weights(*weights, *posthoc), *overwrite) : 0;
     };
   });
 }
@@ -475,7 +544,8 @@ void add_eval_command(CLI::App& app, CommandAction& action) {
                   "floor: e.g. a test set against the training set's --ref)");
   cmd->add_option("--features", args->features, "--fid: TorchScript feature network (.pt with diffuse_features.json)");
   cmd->add_option("--ref", args->ref, "--fid: reference statistics from `diffuse stats` with the same --features");
-  cmd->add_option("--sampler", args->sampler, "--fid: ddim or ddpm")->check(CLI::IsMember({"ddim", "ddpm"}));
+  cmd->add_option("--sampler", args->sampler, "--fid: auto (ddim; heun for an elucidated model), ddim or ddpm; heun or dpmpp")
+      ->check(CLI::IsMember({"auto", "ddim", "ddpm", "heun", "dpmpp"}));
   cmd->add_option("--steps", args->steps, "--fid: DDIM steps (ddpm uses every timestep)")->check(positive_integer());
   cmd->add_option("--eta", args->eta, "--fid: DDIM eta");
   cmd->add_option("--kid-subsets", args->kid_subsets, "--fid: KID subsets")->check(positive_integer());
@@ -492,7 +562,11 @@ void add_eval_command(CLI::App& app, CommandAction& action) {
                   "--fid, conditional model: classifier-free guidance scale of the samples (default 6, as sample)");
   cmd->add_option("--rescaled-phi", args->rescaled_phi, "--fid, conditional model: as sample's (default 0.7)")
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  auto* weights = cmd->add_option("--weights", args->weights, "ema (first rate), an EMA rate like 0.9999, or online");
+  cmd->add_option("--posthoc-sigma-rel", args->posthoc,
+                  "Post-hoc EMA weights of this relative width (ema.posthoc snapshots); with --fid a list such as "
+                  "0.05,0.1,0.2 evaluates each and names the best by FID")
+      ->excludes(weights);
   cmd->add_option("--device", args->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->callback([&action, args] { action = [args](const dist::Context& ctx) { return run_eval(ctx, *args); }; });
 }

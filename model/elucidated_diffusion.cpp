@@ -208,16 +208,33 @@ torch::Tensor ElucidatedDiffusionImpl::sample_schedule(std::optional<int64_t> st
 
 torch::Tensor ElucidatedDiffusionImpl::sample(int64_t batch, torch::Generator generator, std::optional<int64_t> steps,
                                               bool clamp) {
+  const auto& o = options_;
+  auto device = sample_schedule(2).device();
+  return sample_from(draw_normal(generator, {batch, o.channels, o.image_size, o.image_size}, device), generator, steps,
+                     clamp);
+}
+
+void ElucidatedDiffusionImpl::check_initial_noise(const torch::Tensor& initial_noise) const {
+  const auto& o = options_;
+  TORCH_CHECK(initial_noise.dim() == 4 && initial_noise.size(1) == o.channels && initial_noise.size(2) == o.image_size &&
+                  initial_noise.size(3) == o.image_size,
+              "ElucidatedDiffusion: initial noise must be [batch, ", o.channels, ", ", o.image_size, ", ", o.image_size,
+              "], got ", initial_noise.sizes());
+}
+
+torch::Tensor ElucidatedDiffusionImpl::sample_from(const torch::Tensor& initial_noise, torch::Generator generator,
+                                                   std::optional<int64_t> steps, bool clamp) {
   torch::NoGradGuard no_grad;
+  check_initial_noise(initial_noise);
   const int64_t n = steps.value_or(options_.num_sample_steps);
   const auto& o = options_;
-  std::vector<int64_t> shape{batch, o.channels, o.image_size, o.image_size};
+  const auto shape = initial_noise.sizes().vec();
   auto sigmas = sample_schedule(n);
   const double churn = std::min(o.S_churn / static_cast<double>(n), std::sqrt(2.) - 1);
   auto gammas = torch::where((sigmas >= o.S_tmin) & (sigmas <= o.S_tmax), churn, 0.);
   const auto device = sigmas.device();
 
-  auto images = sigmas[0] * draw_normal(generator, shape, device);
+  auto images = sigmas[0] * initial_noise.to(device);
   std::optional<torch::Tensor> x_start;
   for (int64_t i = 0; i < n; ++i) {
     const double sigma = sigmas[i].item<double>(), sigma_next = sigmas[i + 1].item<double>();
@@ -244,10 +261,18 @@ torch::Tensor ElucidatedDiffusionImpl::sample(int64_t batch, torch::Generator ge
 
 torch::Tensor ElucidatedDiffusionImpl::sample_using_dpmpp(int64_t batch, torch::Generator generator,
                                                           std::optional<int64_t> steps) {
+  const auto& o = options_;
+  auto device = sample_schedule(2).device();
+  return sample_using_dpmpp_from(draw_normal(generator, {batch, o.channels, o.image_size, o.image_size}, device), steps);
+}
+
+torch::Tensor ElucidatedDiffusionImpl::sample_using_dpmpp_from(const torch::Tensor& initial_noise,
+                                                               std::optional<int64_t> steps) {
   torch::NoGradGuard no_grad;
+  check_initial_noise(initial_noise);
   const auto& o = options_;
   auto sigmas = sample_schedule(steps.value_or(o.num_sample_steps));
-  auto images = sigmas[0] * draw_normal(generator, {batch, o.channels, o.image_size, o.image_size}, sigmas.device());
+  auto images = sigmas[0] * initial_noise.to(sigmas.device());
   // DPM-Solver++ works in t = -ln(sigma).
   auto sigma_fn = [](const torch::Tensor& t) { return t.neg().exp(); };
   auto t_fn = [](const torch::Tensor& sigma) { return sigma.log().neg(); };

@@ -103,9 +103,15 @@ class ElucidatedDiffusionImpl : public torch::nn::Module {
   /// not switch the net's mode (call eval() first: a KarrasUnet renormalises its weights in training mode).
   torch::Tensor sample(int64_t batch, torch::Generator generator, std::optional<int64_t> steps = std::nullopt,
                        bool clamp = true);
+  /// sample() from the given standard-normal initial noise [b, C, S, S] (scaled by sigma_max here)
+  /// instead of drawing it; the per-step noise still comes from `generator`.
+  torch::Tensor sample_from(const torch::Tensor& initial_noise, torch::Generator generator,
+                            std::optional<int64_t> steps = std::nullopt, bool clamp = true);
   /// DPM-Solver++(2M) on the same schedule, no grad; images in [0, 1]. Draws only the initial noise.
   torch::Tensor sample_using_dpmpp(int64_t batch, torch::Generator generator,
                                    std::optional<int64_t> steps = std::nullopt);
+  /// sample_using_dpmpp() from the given standard-normal initial noise (deterministic from there).
+  torch::Tensor sample_using_dpmpp_from(const torch::Tensor& initial_noise, std::optional<int64_t> steps = std::nullopt);
 
   /// exp(P_mean + P_std n), n ~ N(0, 1) of shape [batch] from `generator`.
   torch::Tensor noise_distribution(int64_t batch, torch::Generator generator) const;
@@ -132,6 +138,7 @@ class ElucidatedDiffusionImpl : public torch::nn::Module {
 
  private:
   void check(const std::string& kind, int64_t channels, int64_t out_dim, int64_t downsample_factor) const;
+  void check_initial_noise(const torch::Tensor& initial_noise) const;
   torch::Tensor net_forward(const torch::Tensor& x, const torch::Tensor& time,
                             const std::optional<torch::Tensor>& self_cond);
 

@@ -416,3 +416,34 @@ torch::Tensor KarrasUnetImpl::forward(const torch::Tensor& x, const torch::Tenso
 }
 
 }  // namespace diffuse::model
+
+namespace diffuse::model {
+
+int64_t karras_unet_activation_elements(const KarrasUnetOptions& o) {
+  o.validate();
+  // Per block: its input, the pixel norm, two convolutions with their MP-SiLU outputs, the embedding
+  // product, dropout and the MP-add (about ten tensors of the block's width), plus attention where
+  // the resolution is in attn_res (q, k, v, the output and the tokens x tokens score matrix per head).
+  auto block = [&](int64_t channels, int64_t side) {
+    int64_t elements = 10 * channels * side * side;
+    if (std::find(o.attn_res.begin(), o.attn_res.end(), side) != o.attn_res.end()) {
+      const int64_t tokens = side * side;
+      const int64_t heads = std::max<int64_t>((channels + o.attn_dim_head - 1) / o.attn_dim_head, 2);
+      elements += 5 * channels * tokens + 2 * heads * tokens * tokens;
+    }
+    return elements;
+  };
+  int64_t elements = (o.channels * (o.self_condition ? 2 : 1) + 2 * o.dim) * o.image_size * o.image_size;
+  int64_t channels = o.dim, side = o.image_size;
+  // Encoder blocks, then the decoder's (one more per stage, at twice the input width for the skip).
+  elements += o.num_blocks_per_stage * block(channels, side) + (o.num_blocks_per_stage + 1) * block(2 * channels, side);
+  for (int64_t s = 0; s < o.num_downsamples; ++s) {
+    channels = std::min(o.dim_max, channels * 2);
+    side /= 2;
+    elements += (o.num_blocks_per_stage + 1) * block(channels, side) +
+                (o.num_blocks_per_stage + 2) * block(2 * channels, side);
+  }
+  return elements + 2 * block(channels, side);
+}
+
+}  // namespace diffuse::model

@@ -213,4 +213,8 @@ class KarrasUnetImpl : public torch::nn::Module {
 };
 TORCH_MODULE(KarrasUnet);
 
+/// Activation elements a training forward keeps for the backward pass, per image (an estimate for
+/// the trainer's memory check, like unet_activation_elements).
+int64_t karras_unet_activation_elements(const KarrasUnetOptions& options);
+
 }  // namespace diffuse::model

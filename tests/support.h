@@ -10,7 +10,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <random>
 #include <string>
 
@@ -107,6 +109,18 @@ template <typename Fn>
     return ::testing::AssertionSuccess();
   }
   return ::testing::AssertionFailure() << "no exception thrown";
+}
+
+/// A file's whole content (binary).
+inline std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+/// The source tree (ctest sets DIFFUSE_SOURCE_DIR), for committed configs and fixtures.
+inline std::filesystem::path source_dir() {
+  const char* dir = std::getenv("DIFFUSE_SOURCE_DIR");
+  return dir ? dir : ".";
 }
 
 }  // namespace diffuse::testing

@@ -94,6 +94,27 @@ const std::vector<std::pair<BestMetric, const char*>>& names_of() {
   return names;
 }
 
+template <>
+const std::vector<std::pair<ModelType, const char*>>& names_of() {
+  static const std::vector<std::pair<ModelType, const char*>> names{{ModelType::kUnet, "unet"},
+                                                                    {ModelType::kKarrasUnet, "karras_unet"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<DiffusionType, const char*>>& names_of() {
+  static const std::vector<std::pair<DiffusionType, const char*>> names{{DiffusionType::kGaussian, "gaussian"},
+                                                                        {DiffusionType::kElucidated, "elucidated"}};
+  return names;
+}
+
+template <>
+const std::vector<std::pair<SnapshotDtype, const char*>>& names_of() {
+  static const std::vector<std::pair<SnapshotDtype, const char*>> names{{SnapshotDtype::kBf16, "bf16"},
+                                                                        {SnapshotDtype::kFp32, "fp32"}};
+  return names;
+}
+
 template <typename Enum>
 std::string name_of(Enum value) {
   for (const auto& [candidate, name] : names_of<Enum>()) {
@@ -129,6 +150,7 @@ std::string join(const std::vector<std::string>& items, const std::string& separ
 
 std::vector<Field> fields_of(Config& c) {
   return {
+      {"model", "type", choice(&c.model.type)},
       {"model", "dim", &c.model.dim},
       {"model", "dim_mults", &c.model.dim_mults},
       {"model", "channels", &c.model.channels},
@@ -141,6 +163,18 @@ std::vector<Field> fields_of(Config& c) {
       {"model", "flash_attn", &c.model.flash_attn},
       {"model", "num_classes", &c.model.num_classes},
       {"model", "cond_drop_prob", &c.model.cond_drop_prob},
+      {"model", "learned_sinusoidal_cond", &c.model.learned_sinusoidal_cond},
+      {"model", "random_fourier_features", &c.model.random_fourier_features},
+      {"model", "learned_sinusoidal_dim", &c.model.learned_sinusoidal_dim},
+      {"model", "dim_max", &c.model.dim_max},
+      {"model", "num_downsamples", &c.model.num_downsamples},
+      {"model", "num_blocks_per_stage", &c.model.num_blocks_per_stage},
+      {"model", "attn_res", &c.model.attn_res},
+      {"model", "fourier_dim", &c.model.fourier_dim},
+      {"model", "mp_cat_t", &c.model.mp_cat_t},
+      {"model", "mp_add_emb_t", &c.model.mp_add_emb_t},
+      {"model", "attn_res_mp_add_t", &c.model.attn_res_mp_add_t},
+      {"diffusion", "type", choice(&c.diffusion.type)},
       {"diffusion", "timesteps", &c.diffusion.timesteps},
       {"diffusion", "objective", choice(&c.diffusion.objective)},
       {"diffusion", "beta_schedule", choice(&c.diffusion.beta_schedule)},
@@ -151,6 +185,16 @@ std::vector<Field> fields_of(Config& c) {
       {"diffusion", "timestep_sampler", choice(&c.diffusion.timestep_sampler)},
       {"diffusion", "loss_type", choice(&c.diffusion.loss_type)},
       {"diffusion", "immiscible", &c.diffusion.immiscible},
+      {"diffusion", "sigma_min", &c.diffusion.sigma_min},
+      {"diffusion", "sigma_max", &c.diffusion.sigma_max},
+      {"diffusion", "sigma_data", &c.diffusion.sigma_data},
+      {"diffusion", "rho", &c.diffusion.rho},
+      {"diffusion", "P_mean", &c.diffusion.P_mean},
+      {"diffusion", "P_std", &c.diffusion.P_std},
+      {"diffusion", "S_churn", &c.diffusion.S_churn},
+      {"diffusion", "S_tmin", &c.diffusion.S_tmin},
+      {"diffusion", "S_tmax", &c.diffusion.S_tmax},
+      {"diffusion", "S_noise", &c.diffusion.S_noise},
       {"data", "path", &c.data.path},
       {"data", "image_size", &c.data.image_size},
       {"data", "random_flip", &c.data.random_flip},
@@ -187,6 +231,9 @@ std::vector<Field> fields_of(Config& c) {
       {"ema", "inv_gamma", &c.ema.inv_gamma},
       {"ema", "power", &c.ema.power},
       {"ema", "min_value", &c.ema.min_value},
+      {"ema", "posthoc.sigma_rels", &c.ema.posthoc_sigma_rels},
+      {"ema", "posthoc.snapshot_every", &c.ema.posthoc_snapshot_every},
+      {"ema", "posthoc.dtype", choice(&c.ema.posthoc_dtype)},
       {"checkpoint", "every", &c.checkpoint.every},
       {"checkpoint", "keep_last", &c.checkpoint.keep_last},
       {"checkpoint", "keep_every", &c.checkpoint.keep_every},
@@ -329,6 +376,14 @@ const Field* find(const std::vector<Field>& fields, const std::string& section, 
   return nullptr;
 }
 
+/// Whether `section.group.` prefixes some key (a nested group such as ema.posthoc).
+bool is_group(const std::vector<Field>& fields, const std::string& section, const std::string& group) {
+  for (const auto& field : fields) {
+    if (field.section == section && field.key.rfind(group + ".", 0) == 0) return true;
+  }
+  return false;
+}
+
 std::vector<std::string> keys_of_section(const std::vector<Field>& fields, const std::string& section) {
   std::vector<std::string> keys;
   for (const auto& field : fields) {
@@ -347,6 +402,9 @@ const std::vector<std::string>& sections() {
 // deadline as int64 milliseconds and as a steady_clock time point (nanoseconds).
 constexpr double kMaxBucketCapMb = 1024.0 * 1024.0;
 constexpr double kMaxCollectiveTimeoutS = 7.0 * 24 * 3600;
+// The largest relative width of a power-function EMA profile (trainer/posthoc_ema.h max_sigma_rel(),
+// rounded down so that every accepted value has a gamma).
+constexpr double kMaxSigmaRel = 0.30028;
 
 void require(bool ok, const std::string& key, const std::string& value, const std::string& allowed) {
   if (!ok) throw std::invalid_argument("config key " + key + ": got " + value + ", expected " + allowed);
@@ -387,20 +445,30 @@ Config Config::from_yaml(const std::string& text, const std::string& name) {
       throw std::invalid_argument("config section '" + section_name + "' must be a mapping of keys");
     }
     std::map<std::string, int> key_lines;
-    for (const auto& entry : section.second) {
-      auto key = entry.first.as<std::string>();
-      if (auto [at, inserted] = key_lines.emplace(key, entry.first.Mark().line + 1); !inserted) {
-        throw std::invalid_argument("config key " + section_name + "." + key + " is given twice (lines " +
-                                    std::to_string(at->second) + " and " +
-                                    std::to_string(entry.first.Mark().line + 1) + "); keep one");
+    // A group of keys (ema.posthoc.sigma_rels) may be written as a nested mapping (posthoc: {sigma_rels:
+    // ...}) or with the dotted key itself, which is how to_yaml() writes it.
+    std::function<void(const YAML::Node&, const std::string&)> read_keys = [&](const YAML::Node& map,
+                                                                               const std::string& prefix) {
+      for (const auto& entry : map) {
+        auto key = prefix + entry.first.as<std::string>();
+        if (auto [at, inserted] = key_lines.emplace(key, entry.first.Mark().line + 1); !inserted) {
+          throw std::invalid_argument("config key " + section_name + "." + key + " is given twice (lines " +
+                                      std::to_string(at->second) + " and " +
+                                      std::to_string(entry.first.Mark().line + 1) + "); keep one");
+        }
+        const Field* field = find(fields, section_name, key);
+        if (field == nullptr && entry.second.IsMap() && is_group(fields, section_name, key)) {
+          read_keys(entry.second, key + ".");
+          continue;
+        }
+        if (field == nullptr) {
+          throw std::invalid_argument("unknown config key '" + section_name + "." + key + "'; " + section_name +
+                                      " accepts: " + join(keys_of_section(fields, section_name), ", "));
+        }
+        assign(*field, entry.second);
       }
-      const Field* field = find(fields, section_name, key);
-      if (field == nullptr) {
-        throw std::invalid_argument("unknown config key '" + section_name + "." + key + "'; " + section_name +
-                                    " accepts: " + join(keys_of_section(fields, section_name), ", "));
-      }
-      assign(*field, entry.second);
-    }
+    };
+    read_keys(section.second, "");
   }
   return config;
 }
@@ -533,10 +601,13 @@ void Config::validate() const {
   require(diffusion.vlb_weight >= 0, "diffusion.vlb_weight", std::to_string(diffusion.vlb_weight), ">= 0");
 
   require(!data.path.empty(), "data.path", "''", "the path of an HDF5 dataset made by `diffuse prep`");
-  int64_t factor = int64_t{1} << (model.dim_mults.size() - 1);
-  require(data.image_size > 0 && data.image_size % factor == 0, "data.image_size", std::to_string(data.image_size),
-          "a positive multiple of " + std::to_string(factor) + " (2^(stages-1) for " +
-              std::to_string(model.dim_mults.size()) + " stages)");
+  if (model.type == ModelType::kUnet) {
+    int64_t factor = int64_t{1} << (model.dim_mults.size() - 1);
+    require(data.image_size > 0 && data.image_size % factor == 0, "data.image_size", std::to_string(data.image_size),
+            "a positive multiple of " + std::to_string(factor) + " (2^(stages-1) for " +
+                std::to_string(model.dim_mults.size()) + " stages)");
+  }
+  validate_formulation();
   positive("data.workers", data.workers);
   positive("data.prefetch", data.prefetch);
 
@@ -575,6 +646,26 @@ void Config::validate() const {
   require(ema.inv_gamma > 0, "ema.inv_gamma", std::to_string(ema.inv_gamma), "> 0");
   require(ema.power > 0, "ema.power", std::to_string(ema.power), "> 0");
   require(ema.min_value >= 0 && ema.min_value < 1, "ema.min_value", std::to_string(ema.min_value), "0..1");
+  // Post-hoc EMA (ema-pytorch's PostHocEMA): power-function profiles, whose sigma_rel cannot exceed
+  // 0.3003 (sigma_rel(gamma) peaks at gamma = (sqrt(5) - 3) / 2).
+  for (double sigma_rel : ema.posthoc_sigma_rels) {
+    require(sigma_rel > 0 && sigma_rel <= kMaxSigmaRel, "ema.posthoc.sigma_rels", shortest_text(sigma_rel),
+            "relative widths in (0, 0.3003] (EDM2 trains with [0.05, 0.28])");
+  }
+  for (size_t i = 0; i < ema.posthoc_sigma_rels.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      require(ema.posthoc_sigma_rels[i] != ema.posthoc_sigma_rels[j], "ema.posthoc.sigma_rels",
+              shortest_text(ema.posthoc_sigma_rels[i]) + " twice", "distinct profiles");
+    }
+  }
+  if (ema.posthoc_sigma_rels.empty()) {
+    require(ema.posthoc_snapshot_every == 0, "ema.posthoc.snapshot_every", std::to_string(ema.posthoc_snapshot_every),
+            "0 without ema.posthoc.sigma_rels (no post-hoc EMA to snapshot)");
+  } else {
+    require(ema.posthoc_snapshot_every > 0, "ema.posthoc.snapshot_every", std::to_string(ema.posthoc_snapshot_every),
+            "an integer > 0 with ema.posthoc.sigma_rels (steps between snapshots; EDM2 uses about 1/16 of a run "
+            "of 2^k steps)");
+  }
 
   positive("checkpoint.every", checkpoint.every);
   positive("checkpoint.keep_last", checkpoint.keep_last);
@@ -584,8 +675,13 @@ void Config::validate() const {
   non_negative("log.sample_every", log.sample_every);
   positive("log.num_samples", log.num_samples);
   positive("log.sample_steps", log.sample_steps);
-  require(log.sample_steps <= diffusion.timesteps, "log.sample_steps", std::to_string(log.sample_steps),
-          "at most diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+  if (diffusion.type == DiffusionType::kGaussian) {
+    require(log.sample_steps <= diffusion.timesteps, "log.sample_steps", std::to_string(log.sample_steps),
+            "at most diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+  } else {
+    require(log.sample_steps >= 2, "log.sample_steps", std::to_string(log.sample_steps),
+            "at least 2 (the elucidated sampler's schedule needs two noise levels)");
+  }
 
   validate_eval();
 }
@@ -605,9 +701,16 @@ void Config::validate_eval() const {
   require(!eval.ref.empty(), "eval.ref", "''",
           "reference statistics from `diffuse stats --features` with the same network when eval.every > 0");
   require(eval.n >= 2, "eval.n", std::to_string(eval.n), "an integer >= 2 (10000 or more for numbers to compare)");
-  require(eval.sampler == "ddim" || eval.sampler == "ddpm", "eval.sampler", eval.sampler, "ddim or ddpm");
-  require(eval.steps > 0 && eval.steps <= diffusion.timesteps, "eval.steps", std::to_string(eval.steps),
-          "1 to diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+  if (diffusion.type == DiffusionType::kGaussian) {
+    require(eval.sampler == "auto" || eval.sampler == "ddim" || eval.sampler == "ddpm", "eval.sampler", eval.sampler,
+            "auto, ddim or ddpm (diffusion.type: gaussian)");
+    require(eval.steps > 0 && eval.steps <= diffusion.timesteps, "eval.steps", std::to_string(eval.steps),
+            "1 to diffusion.timesteps (" + std::to_string(diffusion.timesteps) + ")");
+  } else {
+    require(eval.sampler == "auto" || eval.sampler == "heun" || eval.sampler == "dpmpp", "eval.sampler", eval.sampler,
+            "auto, heun or dpmpp (diffusion.type: elucidated)");
+    require(eval.steps >= 2, "eval.steps", std::to_string(eval.steps), "an integer >= 2");
+  }
   require(eval.eta >= 0, "eval.eta", std::to_string(eval.eta), ">= 0");
   non_negative_key("eval.seed", eval.seed);
   bool known_weights = eval.ema == "ema" || eval.ema == "online";
@@ -622,6 +725,91 @@ void Config::validate_eval() const {
           "ema (the first rate), online (the raw weights) or one of ema.decay: " + rates);
 }
 
+void Config::validate_formulation() const {
+  const bool karras = model.type == ModelType::kKarrasUnet;
+  const bool elucidated = diffusion.type == DiffusionType::kElucidated;
+  // A key the chosen network or formulation does not read must keep its default: a value there was
+  // meant for the other type, and ignoring it would train something other than what was asked for.
+  const auto defaults = Config().values();
+  const auto current = values();
+  auto require_default = [&](const std::vector<std::string>& keys, const std::string& why) {
+    for (size_t i = 0; i < current.size(); ++i) {
+      if (std::find(keys.begin(), keys.end(), current[i].first) == keys.end()) continue;
+      require(current[i].second == defaults[i].second, current[i].first, current[i].second,
+              "its default " + defaults[i].second + " (" + why + "; remove the key)");
+    }
+  };
+  if (karras) {
+    require_default({"model.dim_mults", "model.learned_variance", "model.attn_heads", "model.full_attn",
+                     "model.flash_attn", "model.cond_drop_prob", "model.learned_sinusoidal_cond",
+                     "model.random_fourier_features", "model.learned_sinusoidal_dim"},
+                    "model.type: karras_unet does not read it; it belongs to model.type: unet");
+    require(elucidated, "model.type", "karras_unet",
+            "unet with diffusion.type: gaussian (model.type: karras_unet is EDM2's network: set diffusion.type: "
+            "elucidated)");
+    require(model.dim_max >= model.dim, "model.dim_max", std::to_string(model.dim_max),
+            ">= model.dim (" + std::to_string(model.dim) + ")");
+    require(model.num_downsamples >= 1 && model.num_downsamples <= 8, "model.num_downsamples",
+            std::to_string(model.num_downsamples), "1 to 8");
+    require(model.num_blocks_per_stage >= 1, "model.num_blocks_per_stage", std::to_string(model.num_blocks_per_stage),
+            "an integer >= 1");
+    for (auto res : model.attn_res) require(res > 0, "model.attn_res", std::to_string(res), "positive resolutions");
+    require(model.fourier_dim > 0 && model.fourier_dim % 2 == 0, "model.fourier_dim", std::to_string(model.fourier_dim),
+            "a positive even integer");
+    for (const auto& [key, t] : {std::pair<std::string, double>{"model.mp_cat_t", model.mp_cat_t},
+                                 {"model.mp_add_emb_t", model.mp_add_emb_t},
+                                 {"model.attn_res_mp_add_t", model.attn_res_mp_add_t}}) {
+      require(t >= 0 && t <= 1, key, shortest_text(t), "a blend in [0, 1]");
+    }
+    const int64_t factor = int64_t{1} << model.num_downsamples;
+    require(data.image_size > 0 && data.image_size % factor == 0, "data.image_size", std::to_string(data.image_size),
+            "a positive multiple of " + std::to_string(factor) + " (2^model.num_downsamples)");
+  } else {
+    require_default({"model.dim_max", "model.num_downsamples", "model.num_blocks_per_stage", "model.attn_res",
+                     "model.fourier_dim", "model.mp_cat_t", "model.mp_add_emb_t", "model.attn_res_mp_add_t"},
+                    "model.type: unet does not read it; it belongs to model.type: karras_unet");
+    require(!(model.learned_sinusoidal_cond && model.random_fourier_features), "model.random_fourier_features", "true",
+            "false when model.learned_sinusoidal_cond is true (one Fourier embedding: learned or random)");
+    require(model.learned_sinusoidal_dim > 0 && model.learned_sinusoidal_dim % 2 == 0, "model.learned_sinusoidal_dim",
+            std::to_string(model.learned_sinusoidal_dim), "a positive even integer");
+  }
+  if (elucidated) {
+    require_default({"diffusion.timesteps", "diffusion.objective", "diffusion.beta_schedule",
+                     "diffusion.min_snr_loss_weight", "diffusion.min_snr_gamma", "diffusion.offset_noise_strength",
+                     "diffusion.vlb_weight", "diffusion.timestep_sampler", "diffusion.loss_type",
+                     "diffusion.immiscible"},
+                    "diffusion.type: elucidated does not read it; it belongs to diffusion.type: gaussian");
+    require(model.num_classes == 0, "model.num_classes", std::to_string(model.num_classes),
+            "0 with diffusion.type: elucidated (the reference's ElucidatedDiffusion passes its network no labels)");
+    if (!karras) {
+      require(model.learned_sinusoidal_cond || model.random_fourier_features, "model.learned_sinusoidal_cond", "false",
+              "true, or model.random_fourier_features: true, with diffusion.type: elucidated (its network sees the "
+              "continuous noise level ln(sigma)/4, which the sinusoidal step embedding is not made for; the "
+              "reference asserts it)");
+      require(!model.learned_variance, "model.learned_variance", "true",
+              "false with diffusion.type: elucidated (the denoiser predicts the image only)");
+    }
+    require(diffusion.sigma_min > 0, "diffusion.sigma_min", shortest_text(diffusion.sigma_min), "> 0");
+    require(diffusion.sigma_max > diffusion.sigma_min, "diffusion.sigma_max", shortest_text(diffusion.sigma_max),
+            "> diffusion.sigma_min (" + shortest_text(diffusion.sigma_min) + ")");
+    require(diffusion.sigma_data > 0, "diffusion.sigma_data", shortest_text(diffusion.sigma_data), "> 0");
+    require(diffusion.rho > 0, "diffusion.rho", shortest_text(diffusion.rho), "> 0");
+    require(diffusion.P_std > 0, "diffusion.P_std", shortest_text(diffusion.P_std), "> 0");
+    require(diffusion.S_churn >= 0, "diffusion.S_churn", shortest_text(diffusion.S_churn), ">= 0");
+    require(diffusion.S_tmin >= 0, "diffusion.S_tmin", shortest_text(diffusion.S_tmin), ">= 0");
+    require(diffusion.S_tmax >= diffusion.S_tmin, "diffusion.S_tmax", shortest_text(diffusion.S_tmax),
+            ">= diffusion.S_tmin (" + shortest_text(diffusion.S_tmin) + ")");
+    require(diffusion.S_noise > 0, "diffusion.S_noise", shortest_text(diffusion.S_noise), "> 0");
+  } else {
+    require_default({"diffusion.sigma_min", "diffusion.sigma_max", "diffusion.sigma_data", "diffusion.rho",
+                     "diffusion.P_mean", "diffusion.P_std", "diffusion.S_churn", "diffusion.S_tmin", "diffusion.S_tmax",
+                     "diffusion.S_noise"},
+                    "diffusion.type: gaussian does not read it; it belongs to diffusion.type: elucidated");
+    require(!model.learned_sinusoidal_cond && !model.random_fourier_features, "model.learned_sinusoidal_cond", "true",
+            "false with diffusion.type: gaussian (the reference's GaussianDiffusion refuses a Fourier-time U-Net)");
+  }
+}
+
 std::string to_string(Precision value) { return name_of(value); }
 std::string to_string(DeviceChoice value) { return name_of(value); }
 std::string to_string(GradCompression value) { return name_of(value); }
@@ -632,6 +820,9 @@ std::string to_string(TimestepSamplerKind value) { return name_of(value); }
 std::string to_string(NonfinitePolicy value) { return name_of(value); }
 std::string to_string(LossType value) { return name_of(value); }
 std::string to_string(BestMetric value) { return name_of(value); }
+std::string to_string(ModelType value) { return name_of(value); }
+std::string to_string(DiffusionType value) { return name_of(value); }
+std::string to_string(SnapshotDtype value) { return name_of(value); }
 
 std::vector<std::pair<std::string, std::string>> Config::values() const {
   auto fields = fields_of(const_cast<Config&>(*this));

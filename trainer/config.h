@@ -29,6 +29,9 @@ enum class TimestepSamplerKind { kUniform, kLossAware };
 enum class NonfinitePolicy { kStop, kSkip };
 enum class LossType { kL2, kL1 };
 enum class BestMetric { kNone, kFid, kKid };
+enum class ModelType { kUnet, kKarrasUnet };
+enum class DiffusionType { kGaussian, kElucidated };
+enum class SnapshotDtype { kBf16, kFp32 };
 
 std::string to_string(Precision value);
 std::string to_string(DeviceChoice value);
@@ -40,8 +43,14 @@ std::string to_string(TimestepSamplerKind value);
 std::string to_string(NonfinitePolicy value);
 std::string to_string(LossType value);
 std::string to_string(BestMetric value);
+std::string to_string(ModelType value);
+std::string to_string(DiffusionType value);
+std::string to_string(SnapshotDtype value);
 
 struct ModelConfig {
+  /// unet: the reference's Unet (or its classifier-free-guidance U-Net with num_classes > 0);
+  /// karras_unet: EDM2's magnitude-preserving U-Net (the reference's KarrasUnet).
+  ModelType type = ModelType::kUnet;
   int64_t dim = 64;
   std::vector<int64_t> dim_mults{1, 2, 4, 8};
   int64_t channels = 3;
@@ -56,9 +65,26 @@ struct ModelConfig {
   /// the dataset's labels (which must lie in [0, num_classes)); 0: the unconditional U-Net.
   int64_t num_classes = 0;
   double cond_drop_prob = 0.5;  ///< conditional only: share of labels replaced by the null class in training
+  // unet only: a Fourier time embedding (learned, or random and fixed) in place of the sinusoidal one,
+  // which diffusion.type: elucidated needs (its time input is the continuous c_noise = ln(sigma) / 4).
+  bool learned_sinusoidal_cond = false;
+  bool random_fourier_features = false;
+  int64_t learned_sinusoidal_dim = 16;
+  // karras_unet only (model.dim, channels, dropout, attn_dim_head and self_condition apply to both).
+  int64_t dim_max = 768;
+  int64_t num_downsamples = 3;
+  int64_t num_blocks_per_stage = 4;
+  std::vector<int64_t> attn_res{16, 8};
+  int64_t fourier_dim = 16;
+  double mp_cat_t = 0.5;
+  double mp_add_emb_t = 0.5;
+  double attn_res_mp_add_t = 0.3;
 };
 
 struct DiffusionConfig {
+  /// gaussian: DDPM/DDIM (the reference's GaussianDiffusion); elucidated: EDM (ElucidatedDiffusion).
+  DiffusionType type = DiffusionType::kGaussian;
+  // gaussian only
   int64_t timesteps = 1000;
   Objective objective = Objective::kPredV;
   BetaSchedule beta_schedule = BetaSchedule::kSigmoid;
@@ -69,6 +95,17 @@ struct DiffusionConfig {
   TimestepSamplerKind timestep_sampler = TimestepSamplerKind::kUniform;
   LossType loss_type = LossType::kL2;      ///< l2 (squared error, the reference) or l1 (absolute error)
   bool immiscible = false;                 ///< immiscible noise assignment within each batch (reference 2.3.1)
+  // elucidated only: the reference's names and defaults (EDM's Table 5)
+  double sigma_min = 0.002;
+  double sigma_max = 80;
+  double sigma_data = 0.5;
+  double rho = 7;
+  double P_mean = -1.2;
+  double P_std = 1.2;
+  double S_churn = 80;
+  double S_tmin = 0.05;
+  double S_tmax = 50;
+  double S_noise = 1.003;
 };
 
 struct DataConfig {
@@ -116,6 +153,12 @@ struct EmaConfig {
   double inv_gamma = 1.0;
   double power = 2.0 / 3.0;
   double min_value = 0.0;
+  /// Post-hoc EMA (`posthoc:` in the ema section): one power-function EMA per relative width, each
+  /// snapshotted every posthoc_snapshot_every steps to RUN/posthoc/, from which `export/sample/eval
+  /// --posthoc-sigma-rel` synthesize any other width afterwards. Empty: none.
+  std::vector<double> posthoc_sigma_rels{};
+  int64_t posthoc_snapshot_every = 0;
+  SnapshotDtype posthoc_dtype = SnapshotDtype::kBf16;  ///< of the snapshots on disk (the averages stay fp32)
 };
 
 struct CheckpointConfig {
@@ -144,8 +187,8 @@ struct EvalConfig {
   int64_t n = 10000;             ///< samples per evaluation
   std::string features;          ///< TorchScript feature network (.pt with diffuse_features.json)
   std::string ref;               ///< reference statistics made by `diffuse stats` with the same features
-  std::string sampler = "ddim";  ///< ddim or ddpm
-  int64_t steps = 50;            ///< DDIM steps (ddpm uses every timestep)
+  std::string sampler = "auto";  ///< auto (ddim, or heun for elucidated), ddim or ddpm; heun or dpmpp
+  int64_t steps = 50;            ///< sampler steps (ddpm uses every timestep)
   double eta = 0.0;
   std::string ema = "ema";       ///< "ema" (the first of ema.decay), one of ema.decay's rates, or "online"
   int64_t seed = 0;              ///< of the samples' noise: the same noise at every evaluation
@@ -184,6 +227,9 @@ struct Config {
 
  private:
   void validate_eval() const;  ///< the eval: section and checkpoint.keep_best
+  /// model.type and diffusion.type: their own keys' ranges, and the other type's keys left at their
+  /// defaults (a key the chosen network or formulation does not read is refused, not ignored).
+  void validate_formulation() const;
 };
 
 /// Every `section.key` the configuration accepts (for help texts and tests).

@@ -2,6 +2,7 @@
 #include "trainer/model_factory.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace diffuse::trainer {
 
@@ -17,6 +18,47 @@ model::UnetOptions unet_options(const ModelConfig& m) {
   options.attn_dim_head = {m.attn_dim_head};
   options.full_attn = m.full_attn;
   options.flash_attn = m.flash_attn;
+  options.learned_sinusoidal_cond = m.learned_sinusoidal_cond;
+  options.random_fourier_features = m.random_fourier_features;
+  options.learned_sinusoidal_dim = m.learned_sinusoidal_dim;
+  return options;
+}
+
+model::KarrasUnetOptions karras_unet_options(const Config& config) {
+  const auto& m = config.model;
+  model::KarrasUnetOptions options;
+  options.image_size = config.data.image_size;
+  options.dim = m.dim;
+  options.dim_max = m.dim_max;
+  options.channels = m.channels;
+  options.num_downsamples = m.num_downsamples;
+  options.num_blocks_per_stage = m.num_blocks_per_stage;
+  options.attn_res = m.attn_res;
+  options.fourier_dim = m.fourier_dim;
+  options.attn_dim_head = m.attn_dim_head;
+  options.mp_cat_t = m.mp_cat_t;
+  options.mp_add_emb_t = m.mp_add_emb_t;
+  options.attn_res_mp_add_t = m.attn_res_mp_add_t;
+  options.dropout = m.dropout;
+  options.self_condition = m.self_condition;
+  return options;
+}
+
+model::ElucidatedOptions elucidated_options(const Config& config) {
+  const auto& d = config.diffusion;
+  model::ElucidatedOptions options;
+  options.image_size = config.data.image_size;
+  options.channels = config.model.channels;
+  options.sigma_min = d.sigma_min;
+  options.sigma_max = d.sigma_max;
+  options.sigma_data = d.sigma_data;
+  options.rho = d.rho;
+  options.P_mean = d.P_mean;
+  options.P_std = d.P_std;
+  options.S_churn = d.S_churn;
+  options.S_tmin = d.S_tmin;
+  options.S_tmax = d.S_tmax;
+  options.S_noise = d.S_noise;
   return options;
 }
 
@@ -32,8 +74,15 @@ model::ConditionalUnetOptions conditional_unet_options(const ModelConfig& m) {
   return options;
 }
 
-std::string unet_options_json(const ModelConfig& m) {
+std::string unet_options_json(const Config& config) {
+  const auto& m = config.model;
+  if (m.type == ModelType::kKarrasUnet) return karras_unet_options(config).to_json();
   return m.num_classes > 0 ? conditional_unet_options(m).to_json() : unet_options(m).to_json();
+}
+
+std::string diffusion_options_json(const Config& config) {
+  return config.diffusion.type == DiffusionType::kElucidated ? elucidated_options(config).to_json()
+                                                             : diffusion_options(config).to_json();
 }
 
 model::DiffusionOptions diffusion_options(const Config& config) {
@@ -52,11 +101,24 @@ model::DiffusionOptions diffusion_options(const Config& config) {
 }
 
 model::GaussianDiffusion build_diffusion(const Config& config) {
+  if (config.diffusion.type != DiffusionType::kGaussian) {
+    throw std::invalid_argument("build_diffusion: diffusion.type is " + to_string(config.diffusion.type) +
+                                ", not gaussian (build_model builds either)");
+  }
   if (config.model.num_classes > 0) {
     return model::GaussianDiffusion(model::ConditionalUnet(conditional_unet_options(config.model)),
                                     diffusion_options(config));
   }
   return model::GaussianDiffusion(model::Unet(unet_options(config.model)), diffusion_options(config));
+}
+
+DiffusionModel build_model(const Config& config) {
+  if (config.diffusion.type == DiffusionType::kGaussian) return DiffusionModel(build_diffusion(config));
+  if (config.model.type == ModelType::kKarrasUnet) {
+    return DiffusionModel(
+        model::ElucidatedDiffusion(model::KarrasUnet(karras_unet_options(config)), elucidated_options(config)));
+  }
+  return DiffusionModel(model::ElucidatedDiffusion(model::Unet(unet_options(config.model)), elucidated_options(config)));
 }
 
 namespace {
@@ -69,7 +131,11 @@ bool defines_the_model(const std::string& key) {
   static const std::vector<std::string> keys{
       "model.dim",           "model.dim_mults",        "model.channels",      "model.self_condition",
       "model.learned_variance", "model.attn_heads",    "model.attn_dim_head", "model.full_attn",     "model.num_classes",
-      "diffusion.timesteps", "diffusion.beta_schedule", "diffusion.objective"};
+      "diffusion.timesteps", "diffusion.beta_schedule", "diffusion.objective",
+      "model.type",          "diffusion.type",         "model.learned_sinusoidal_cond", "model.random_fourier_features",
+      "model.learned_sinusoidal_dim", "model.dim_max", "model.num_downsamples", "model.num_blocks_per_stage",
+      "model.attn_res",      "model.fourier_dim",      "model.mp_cat_t",      "model.mp_add_emb_t",
+      "model.attn_res_mp_add_t", "diffusion.sigma_data"};
   return std::find(keys.begin(), keys.end(), key) != keys.end();
 }
 

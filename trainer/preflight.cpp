@@ -41,9 +41,10 @@ void check_same_dataset(const dist::Context& ctx, const std::string& path) {
 void check_training_memory(const dist::Context& ctx, const Config& config, torch::Device device) {
   const auto& t = config.train;
   const double bytes_per_value = t.precision == Precision::kFp32 ? 4.0 : 2.0;
-  const double activations = static_cast<double>(model::unet_activation_elements(unet_options(config.model),
-                                                                                 config.data.image_size)) *
-                             bytes_per_value * static_cast<double>(t.batch_size);
+  const int64_t per_image = config.model.type == ModelType::kKarrasUnet
+                               ? model::karras_unet_activation_elements(karras_unet_options(config))
+                               : model::unet_activation_elements(unet_options(config.model), config.data.image_size);
+  const double activations = static_cast<double>(per_image) * bytes_per_value * static_cast<double>(t.batch_size);
   const double pixels = static_cast<double>(config.data.image_size * config.data.image_size * config.model.channels);
   const double batches = (t.batch_size * pixels) * (1.0 + 4.0) * static_cast<double>(config.data.prefetch + 1);
   require_memory(fmt::format("train.batch_size={} at {}x{} (activations for the backward pass and the loader's "

@@ -39,7 +39,7 @@ QualityResult compare_with_reference(const FeatureSummary& features, int64_t n, 
   return result;
 }
 
-QualityResult evaluate_sample_quality(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
+QualityResult evaluate_sample_quality(DiffusionModel& diffusion, dist::Communicator& comm,
                                       FeatureNetwork& network, const ReferenceStatistics& reference,
                                       const QualityRequest& request) {
   int64_t d = network.info().dimension;

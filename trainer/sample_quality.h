@@ -57,7 +57,7 @@ QualityResult compare_with_reference(const FeatureSummary& features, int64_t n, 
 
 /// Samples, quantises them to 8 bits (as saved PNGs), extracts features and compares with
 /// `reference` (collective; every rank returns the same result, on any number of ranks). Throws when the reference's feature size differs from the network's.
-QualityResult evaluate_sample_quality(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
+QualityResult evaluate_sample_quality(DiffusionModel& diffusion, dist::Communicator& comm,
                                       FeatureNetwork& network, const ReferenceStatistics& reference,
                                       const QualityRequest& request);
 

@@ -10,6 +10,7 @@
 #include "model/state_dict.h"
 #include "trainer/checkpoint.h"
 #include "trainer/model_factory.h"
+#include "trainer/posthoc_training.h"
 #include "trainer/training_state.h"
 
 namespace diffuse::trainer {
@@ -21,15 +22,39 @@ LoadedModel load_model(const std::filesystem::path& checkpoint_path, const std::
   loaded.config = Config::from_yaml(checkpoint.config_yaml, "checkpoint");
   loaded.step = checkpoint.step;
   loaded.warnings = checkpoint.warnings;
-  loaded.diffusion = build_diffusion(loaded.config);
+  loaded.diffusion = build_model(loaded.config);
   std::vector<std::string> names;
-  for (const auto& item : loaded.diffusion->denoiser()->named_parameters()) names.push_back(item.key());
-  auto weights = model_weights(checkpoint, loaded.config, which, names);
-  loaded.weights = weights.label;
-  model::load_state_dict(*loaded.diffusion->denoiser(), weights.tensors);
-  loaded.diffusion->to(device);
-  loaded.diffusion->eval();
+  for (const auto& item : loaded.diffusion.denoiser()->named_parameters()) names.push_back(item.key());
+  if (which.rfind(kPosthocWeights, 0) == 0) {
+    const double sigma_rel = parse_posthoc_sigma_rel(which.substr(std::string(kPosthocWeights).size()));
+    // The snapshots of the checkpoint's own history: those written up to its step.
+    model::load_state_dict(*loaded.diffusion.denoiser(),
+                           synthesize_posthoc_weights(run_of_checkpoint(checkpoint.directory), checkpoint.step,
+                                                      sigma_rel));
+    loaded.weights = "posthoc." + sigma_rel_text(sigma_rel);
+  } else {
+    auto weights = model_weights(checkpoint, loaded.config, which, names);
+    loaded.weights = weights.label;
+    model::load_state_dict(*loaded.diffusion.denoiser(), weights.tensors);
+  }
+  loaded.diffusion.module().to(device);
+  loaded.diffusion.module().eval();
   return loaded;
+}
+
+double parse_posthoc_sigma_rel(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (text.empty() || used != text.size() || !(value > 0 && value <= max_sigma_rel())) {
+    throw std::invalid_argument("post-hoc EMA sigma_rel '" + text + "': expected a relative width in (0, " +
+                                std::to_string(max_sigma_rel()) + "], e.g. 0.1");
+  }
+  return value;
 }
 
 torch::Tensor class_rows(const std::vector<int64_t>& classes, int64_t per_class) {
@@ -96,7 +121,7 @@ std::vector<int64_t> read_class_file(const std::filesystem::path& path, int64_t 
 
 namespace {
 
-void check_classes(const model::GaussianDiffusionImpl& diffusion, const SampleRequest& request) {
+void check_classes(const DiffusionModel& diffusion, const SampleRequest& request) {
   if (!diffusion.conditional()) {
     if (request.classes.defined()) {
       throw std::invalid_argument("classes given, but the model is unconditional (model.num_classes=0): sample "
@@ -125,14 +150,15 @@ void check_classes(const model::GaussianDiffusionImpl& diffusion, const SampleRe
 
 }  // namespace
 
-torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
-                            const SampleRequest& request) {
+torch::Tensor sample_images(DiffusionModel& diffusion, dist::Communicator& comm, const SampleRequest& request) {
   check_classes(diffusion, request);
+  // Before any work: a sampler of the other formulation is refused on every rank alike.
+  diffusion.sampler_name(request.options.sampler);
   if (request.n < 1 || request.batch < 1) {
     throw std::invalid_argument("sample_images: n and batch must be positive, got n=" + std::to_string(request.n) +
                                 " batch=" + std::to_string(request.batch));
   }
-  const int64_t c = diffusion.channels(), s = diffusion.options().image_size;
+  const int64_t c = diffusion.channels(), s = diffusion.image_size();
   const int64_t world = comm.size(), rank = comm.rank();
   // Image i is always made in chunk i / batch with the same companions, whatever the number of
   // ranks: a convolution's rounding can depend on its batch, and the samples must not depend on
@@ -141,7 +167,7 @@ torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Commu
   const int64_t chunks_per_rank = (chunks + world - 1) / world;
   auto noise_generator = at::make_generator<at::CPUGeneratorImpl>(request.seed);
   auto all_noise = torch::randn({request.n, c, s, s}, noise_generator);
-  const auto device = diffusion.betas.device();
+  const auto device = diffusion.device();
   auto local = torch::zeros({chunks_per_rank * request.batch, c, s, s}, torch::TensorOptions(device));
   const int64_t first_chunk = chunks_per_rank * rank;
   const int64_t last_chunk = std::min(chunks, first_chunk + chunks_per_rank);

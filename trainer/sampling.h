@@ -3,7 +3,7 @@
 // command with the same seed draw the same images.
 //
 //   auto loaded = load_model("runs/demo/checkpoints/latest", "ema", device);
-//   auto images = sample_images(*loaded.diffusion, comm, {.n = 64, .seed = 7, .options = {...}});
+//   auto images = sample_images(loaded.diffusion, comm, {.n = 64, .seed = 7, .options = {...}});
 #pragma once
 
 #include <torch/torch.h>
@@ -17,20 +17,27 @@
 #include "dist/communicator.h"
 #include "model/diffusion.h"
 #include "trainer/config.h"
+#include "trainer/diffusion_model.h"
 
 namespace diffuse::trainer {
 
 struct LoadedModel {
   Config config;  ///< the configuration the checkpoint was trained with
-  model::GaussianDiffusion diffusion{nullptr};
+  DiffusionModel diffusion;
   int64_t step = 0;
   std::string weights;                 ///< "online" or "ema.<rate>"
   std::vector<std::string> warnings;  ///< checkpoints skipped on the way (a corrupt `latest`, ...)
 };
 
+/// `which` for post-hoc EMA weights: "posthoc:<sigma_rel>", e.g. "posthoc:0.1".
+inline constexpr const char* kPosthocWeights = "posthoc:";
+/// A sigma_rel as given on the command line; throws std::invalid_argument unless in (0, 0.3003].
+double parse_posthoc_sigma_rel(const std::string& text);
+
 /// Reads a checkpoint in this process (a checkpoint directory, or a run directory / checkpoints
 /// directory / `latest` link: the newest good one) and builds its model with the weights `which`
-/// names ("ema", a rate such as "0.9999", or "online"), in eval mode on `device`.
+/// names ("ema", a rate such as "0.9999", "online", or "posthoc:<sigma_rel>": synthesized from the
+/// run's post-hoc EMA snapshots up to the checkpoint's step), in eval mode on `device`.
 /// `on_progress(bytes_done, bytes_total)` follows the checkpoint's reading.
 LoadedModel load_model(const std::filesystem::path& checkpoint, const std::string& which, torch::Device device,
                        const std::function<void(int64_t, int64_t)>& on_progress = {});
@@ -66,7 +73,6 @@ std::vector<int64_t> read_class_file(const std::filesystem::path& path, int64_t 
 /// chunk's sampler noise is keyed by its first image's index, so the images do not depend on the
 /// number of ranks. Throws std::invalid_argument when the classes do not fit the model (missing for
 /// a conditional one, given to an unconditional one, wrong count or out of range).
-torch::Tensor sample_images(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm,
-                            const SampleRequest& request);
+torch::Tensor sample_images(DiffusionModel& diffusion, dist::Communicator& comm, const SampleRequest& request);
 
 }  // namespace diffuse::trainer

@@ -32,6 +32,7 @@
 #include "trainer/model_factory.h"
 #include "trainer/nonfinite_guard.h"
 #include "trainer/optimization.h"
+#include "trainer/posthoc_training.h"
 #include "trainer/preflight.h"
 #include "trainer/progress.h"
 #include "trainer/run_directory.h"
@@ -123,9 +124,9 @@ torch::Device checked_device(const dist::Context& ctx, const Config& config) {
 
 /// The model's initial weights come from the global generator; seeding it first makes a run a
 /// pure function of its config (rank 0's weights are then broadcast to everyone).
-model::GaussianDiffusion seeded_diffusion(const Config& config) {
+DiffusionModel seeded_model(const Config& config) {
   torch::manual_seed(mix_seed(static_cast<uint64_t>(config.train.seed), 0));
-  return build_diffusion(config);
+  return build_model(config);
 }
 
 }  // namespace
@@ -155,12 +156,14 @@ struct Trainer::Parts {
         loader(loader_options(ctx, config, device, options.hooks)),
         // Before any training: a missing eval.features or eval.ref must not surface hours later.
         quality(config.eval.every > 0 ? std::make_unique<TrainingQuality>(config, device) : nullptr),
-        diffusion(seeded_diffusion(config)),
-        ema_diffusion(build_diffusion(config)),
+        diffusion(seeded_model(config)),
+        ema_diffusion(build_model(config)),
         names(parameter_names()),
         params(on_device_parameters()),
-        reducer(params, *comm, reducer_options(config.train)),
-        optimizer(params, names,
+        trainable(trainable_parameters()),
+        trainable_names(trainable_parameter_names()),
+        reducer(trainable, *comm, reducer_options(config.train)),
+        optimizer(trainable, trainable_names,
                   AdamWOptions{.beta1 = config.train.adam_beta1, .beta2 = config.train.adam_beta2,
                                .eps = config.train.adam_eps, .weight_decay = config.train.weight_decay}),
         ema(params, EmaOptions{.decays = config.ema.decay,
@@ -169,6 +172,9 @@ struct Trainer::Parts {
                                .inv_gamma = config.ema.inv_gamma,
                                .power = config.ema.power,
                                .min_value = config.ema.min_value}),
+        posthoc(config.ema.posthoc_sigma_rels.empty()
+                    ? nullptr
+                    : std::make_unique<PosthocTraining>(config.ema, params, names, run.root, host)),
         scaler(GradScalerOptions{.enabled = config.train.precision == Precision::kFp16,
                                  .init_scale = config.train.loss_scale_init,
                                  .growth_interval = config.train.loss_scale_growth_interval,
@@ -191,16 +197,30 @@ struct Trainer::Parts {
 
   std::vector<std::string> parameter_names() const {
     std::vector<std::string> out;
-    for (const auto& item : diffusion->denoiser()->named_parameters()) out.push_back(item.key());
+    for (const auto& item : diffusion.denoiser()->named_parameters()) out.push_back(item.key());
     return out;
   }
   std::vector<torch::Tensor> on_device_parameters() {
-    diffusion->to(device);
-    ema_diffusion->to(device);
-    ema_diffusion->eval();
-    auto tensors = diffusion->denoiser()->parameters();
+    diffusion.module().to(device);
+    ema_diffusion.module().to(device);
+    ema_diffusion.module().eval();
+    auto tensors = diffusion.denoiser()->parameters();
     dist::broadcast_tensors(tensors, *comm, 0);  // every rank starts from rank 0's weights
     return tensors;
+  }
+  std::vector<torch::Tensor> trainable_parameters() const {
+    std::vector<torch::Tensor> out;
+    for (const auto& param : params) {
+      if (param.requires_grad()) out.push_back(param);
+    }
+    return out;
+  }
+  std::vector<std::string> trainable_parameter_names() const {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].requires_grad()) out.push_back(names[i]);
+    }
+    return out;
   }
   TrainingParts training_parts() {
     return {names, params, optimizer, ema, scaler, sampler, generator, loader};
@@ -218,13 +238,19 @@ struct Trainer::Parts {
   dist::TimedHostCollective host;
   data::Loader loader;
   std::unique_ptr<TrainingQuality> quality;  ///< the eval: section's evaluator (null without one)
-  model::GaussianDiffusion diffusion;      ///< the online model
-  model::GaussianDiffusion ema_diffusion;  ///< receives EMA weights for sample grids
+  DiffusionModel diffusion;      ///< the online model
+  DiffusionModel ema_diffusion;  ///< receives EMA weights for sample grids and evaluations
   std::vector<std::string> names;          ///< U-Net parameter names (reference state-dict keys)
   std::vector<torch::Tensor> params;
+  // The parameters that learn: a fixed one (the random Fourier frequencies of KarrasUnet's time
+  // embedding, or of a Unet with random_fourier_features) gets no gradient, is not reduced and is
+  // left alone by the optimizer (also by its weight decay), as in torch; it is still averaged and saved.
+  std::vector<torch::Tensor> trainable;
+  std::vector<std::string> trainable_names;
   dist::GradReducer reducer;
   AdamW optimizer;
   Ema ema;
+  std::unique_ptr<PosthocTraining> posthoc;  ///< ema.posthoc's profiles and snapshots (null without)
   GradScaler scaler;
   TimestepSampler sampler;
   torch::Generator generator;
@@ -319,6 +345,8 @@ void Trainer::start_or_resume() {
                                "--run-dir");
     }
     if (p.ctx.is_root()) std::filesystem::remove(p.run.metrics());
+    // Snapshots left by a run that never checkpointed belong to no history this run continues.
+    if (p.posthoc && p.ctx.is_root()) p.posthoc->discard_snapshots_after(0);
     return;
   }
   BytesProgress reading({.label = "loading checkpoint", .enabled = p.ctx.is_root()});
@@ -336,6 +364,15 @@ void Trainer::start_or_resume() {
   auto parts = p.training_parts();
   auto progress = restore_training_state(*loaded, parts);
   p.step = progress.step;
+  if (p.posthoc) {
+    p.posthoc->load_state(loaded->replicated);
+    if (p.ctx.is_root()) {
+      if (int removed = p.posthoc->discard_snapshots_after(p.step); removed > 0) {
+        log::info("removed {} post-hoc EMA snapshot(s) after step {} (the interrupted run's; rewritten as it "
+                  "trains on)", removed, p.step);
+      }
+    }
+  }
   p.elapsed_before = std::stod(loaded->metadata.at("elapsed_seconds"));
   if (p.config.checkpoint.keep_best != BestMetric::kNone) restore_best(*loaded);
   if (progress.per_rank_inherited) {
@@ -454,6 +491,7 @@ int Trainer::train_loop() {
     }
     if (p.config.log.sample_every > 0 && (p.step % p.config.log.sample_every == 0 || last)) sample_grid();
     const bool new_best = p.quality && p.quality->due(p.step, last) && evaluate_quality();
+    if (p.posthoc && p.posthoc->snapshot_due(p.step)) snapshot_posthoc();
     // Every rank must agree before anyone checkpoints: a signal may reach only some ranks.
     bool stop = p.host.max_over_ranks(stop_signal().load()) > 0;
     if (p.step % p.config.checkpoint.every == 0 || last || stop || new_best) {
@@ -503,7 +541,7 @@ void Trainer::train_step() {
   auto& timer = *p.timer;
   try {
     timer.begin_step();
-    p.diffusion->train();
+    p.diffusion.module().train();
     int64_t images = 0;
     for (int64_t micro = 0; micro < t.accumulate; ++micro) {
       auto wait_start = Clock::now();
@@ -514,25 +552,22 @@ void Trainer::train_step() {
       if (p.device.is_cuda() && t.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
 
       p.reducer.prepare_for_backward(/*sync=*/micro == t.accumulate - 1);
-      auto draw = p.sampler.sample(x.size(0), p.generator, p.device);
-      auto noise = torch::randn(x.sizes(), p.generator, x.options());
-      torch::Tensor losses;
+      DiffusionModel::TrainingStep drawn;
       {
         AutocastScope autocast(p.device, t.precision);
-        // Labels condition only a conditional model (an unconditional one refuses them).
-        losses = p.diffusion->training_losses(x, draw.t, noise, p.generator,
-                                              p.diffusion->conditional() ? batch.labels : torch::Tensor());
+        drawn = p.diffusion.training_losses(x, batch.labels, p.sampler, p.generator,
+                                                p.config.diffusion.timesteps);
       }
-      auto loss = (losses.to(torch::kFloat32) * draw.weights).mean() / static_cast<double>(t.accumulate);
+      auto loss = (drawn.losses.to(torch::kFloat32) * drawn.weights).mean() / static_cast<double>(t.accumulate);
       timer.end_phase(StepPhase::kForward);
       p.scaler.scale(loss).backward();
       timer.end_phase(StepPhase::kBackward);
 
-      p.losses.add(losses, draw.t);
-      p.guard.add_losses(losses);
+      p.losses.add(drawn.losses, drawn.bucket);
+      p.guard.add_losses(drawn.losses);
       if (p.sampler.needs_losses()) {
-        auto detached = losses.detach().to(torch::kFloat32);
-        p.sampler.update(p.comm->all_gather(draw.t).reshape(-1), p.comm->all_gather(detached).reshape(-1));
+        auto detached = drawn.losses.detach().to(torch::kFloat32);
+        p.sampler.update(p.comm->all_gather(drawn.bucket).reshape(-1), p.comm->all_gather(detached).reshape(-1));
       }
       images += x.size(0);
       timer.end_phase(StepPhase::kBookkeeping);
@@ -543,7 +578,7 @@ void Trainer::train_step() {
     timer.end_phase(StepPhase::kExposedComm);
 
     std::vector<torch::Tensor> grads;
-    for (auto& param : p.params) grads.push_back(param.grad());
+    for (auto& param : p.trainable) grads.push_back(param.grad());
     bool skip = p.scaler.unscale_(grads, [&](torch::Tensor& flag) { p.comm->all_reduce(flag, dist::ReduceOp::kMax); });
     if (!skip) {
       // Gradients are already the world average, so every rank clips by the same norm and drops
@@ -558,6 +593,7 @@ void Trainer::train_step() {
     torch::_foreach_zero_(grads);
     timer.end_phase(StepPhase::kOptimizer);
     p.ema.update();
+    if (p.posthoc) p.posthoc->update();
     timer.end_phase(StepPhase::kEma);
     timer.end_step(images);
     ++p.step;
@@ -637,8 +673,9 @@ void Trainer::check_divergence() {
     return;
   }
   std::string what = report.first_was_loss ? std::string("the training loss")
-                     : report.first_parameter >= 0 && report.first_parameter < static_cast<int64_t>(p.names.size())
-                         ? "the gradient of '" + p.names[static_cast<size_t>(report.first_parameter)] + "'"
+                     : report.first_parameter >= 0 &&
+                               report.first_parameter < static_cast<int64_t>(p.trainable_names.size())
+                         ? "the gradient of '" + p.trainable_names[static_cast<size_t>(report.first_parameter)] + "'"
                          : std::string("a gradient");
   auto kept = p.checkpoints.list();
   std::string last_good = kept.empty() ? std::string("none was written") : kept.front().string();
@@ -658,12 +695,12 @@ void Trainer::sample_grid() {
   const auto start = Clock::now();
   {
     torch::NoGradGuard no_grad;
-    auto targets = p.ema_diffusion->denoiser()->parameters();
+    auto targets = p.ema_diffusion.denoiser()->parameters();
     p.ema.copy_to(targets, 0);
   }
   // Fixed noise, so the grids of successive steps are comparable.
   SampleRequest request{.n = p.config.log.num_samples, .seed = static_cast<uint64_t>(p.config.log.sample_seed),
-                        .options = {.sampler = "ddim", .steps = p.config.log.sample_steps, .eta = 0.0}};
+                        .options = {.sampler = "auto", .steps = p.config.log.sample_steps, .eta = 0.0}};
   auto per_row = static_cast<int64_t>(std::ceil(std::sqrt(request.n)));
   if (const int64_t k = p.config.model.num_classes; k > 0) {
     // One row per class (guided with the sampler's default scale), log.num_samples / k per row.
@@ -675,7 +712,7 @@ void Trainer::sample_grid() {
   }
   // One chunk per rank: the grid is spread over the world (its pixels may then depend on the world size).
   request.batch = (request.n + p.ctx.world_size() - 1) / p.ctx.world_size();
-  auto images = sample_images(*p.ema_diffusion, *p.comm, request);
+  auto images = sample_images(p.ema_diffusion, *p.comm, request);
   if (p.ctx.is_root()) {
     data::save_image_grid(p.run.sample_grid(p.step), images, per_row, /*padding=*/2, /*overwrite=*/true);
     if (p.tensorboard) p.tensorboard->add_image("samples", util::read_file(p.run.sample_grid(p.step)), p.step);
@@ -688,14 +725,14 @@ bool Trainer::evaluate_quality() {
   auto& p = *parts_;
   auto start = Clock::now();
   auto& quality = *p.quality;
-  model::GaussianDiffusionImpl* evaluated = p.diffusion.get();
+  DiffusionModel* evaluated = &p.diffusion;
   if (auto index = quality.ema_index()) {
     torch::NoGradGuard no_grad;
-    auto targets = p.ema_diffusion->denoiser()->parameters();
+    auto targets = p.ema_diffusion.denoiser()->parameters();
     p.ema.copy_to(targets, *index);
-    evaluated = p.ema_diffusion.get();
+    evaluated = &p.ema_diffusion;
   }
-  evaluated->eval();  // the online model goes back to train mode at the next step
+  evaluated->module().eval();  // the online model goes back to train mode at the next step
   auto result = quality.evaluate(*evaluated, *p.comm);
   if (p.options.hooks.after_quality_evaluation) p.options.hooks.after_quality_evaluation(p.step, result);
   const double seconds = seconds_since(start);
@@ -756,6 +793,17 @@ bool Trainer::evaluate_quality() {
   return new_best;
 }
 
+void Trainer::snapshot_posthoc() {
+  auto& p = *parts_;
+  auto report = p.posthoc->snapshot(p.step, p.config.to_yaml());
+  p.grids_since_log += report.seconds;  // like the grids: not training time, kept out of images/s
+  if (p.ctx.is_root()) {
+    log::info("post-hoc EMA snapshot at step {}: {} profile(s), {:.2f} MB ({}) in {:.1f}s; {} holds {:.1f} MB",
+              p.step, p.posthoc->profiles(), report.bytes / 1e6, to_string(p.config.ema.posthoc_dtype),
+              report.seconds, posthoc_directory(p.run.root).string(), report.total_bytes / 1e6);
+  }
+}
+
 void Trainer::save_checkpoint() {
   auto& p = *parts_;
   auto start = Clock::now();
@@ -774,11 +822,15 @@ void Trainer::save_checkpoint() {
   }
   try {
     auto contents = capture_training_state(p.training_parts(), p.step);
+    if (p.posthoc) {
+      auto state = p.posthoc->state();
+      contents.replicated.insert(contents.replicated.end(), state.begin(), state.end());
+    }
     contents.config_yaml = p.config.to_yaml();
     contents.metadata["elapsed_seconds"] = fmt::format("{:.3f}", p.elapsed_before);
     contents.metadata["samples_seen"] = std::to_string(p.loader.state().samples_seen);
-    contents.metadata["unet_options"] = unet_options_json(p.config.model);
-    contents.metadata["diffusion_options"] = diffusion_options(p.config).to_json();
+    contents.metadata["unet_options"] = unet_options_json(p.config);
+    contents.metadata["diffusion_options"] = diffusion_options_json(p.config);
     contents.metadata["diffuse_version"] = std::string(DIFFUSE_VERSION) + "+" + git_hash();
     // Every checkpoint records the best so far, so a resume from any of them knows it.
     if (const auto& best = p.pending_best ? p.pending_best : p.best) {

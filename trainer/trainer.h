@@ -90,6 +90,8 @@ class Trainer {
   /// The eval: section's evaluation of this step (collective); true when it beat the best so far
   /// under checkpoint.keep_best, which then checkpoints this step.
   bool evaluate_quality();
+  /// ema.posthoc: saves every profile's average as a snapshot (collective) and logs its size.
+  void snapshot_posthoc();
   void save_checkpoint();
 };
 

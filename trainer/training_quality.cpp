@@ -88,7 +88,8 @@ TrainingQuality::TrainingQuality(const Config& config, torch::Device device)
   });
   weights_label_ = ema_index_ ? "ema." + Ema::rate_text(config.ema.decay[*ema_index_]) : "online";
   request_.sampling = {.n = e.n, .seed = static_cast<uint64_t>(e.seed), .batch = config.train.batch_size,
-                       .options = {.sampler = e.sampler, .steps = e.steps, .eta = e.eta}};
+                       .options = {.sampler = resolve_sampler(config.diffusion.type, e.sampler), .steps = e.steps,
+                                   .eta = e.eta}};
   if (const int64_t k = config.model.num_classes; k > 0) {
     std::vector<int64_t> all(static_cast<size_t>(k));
     std::iota(all.begin(), all.end(), 0);
@@ -100,7 +101,7 @@ TrainingQuality::~TrainingQuality() = default;
 
 bool TrainingQuality::due(int64_t step, bool last) const { return step % every_ == 0 || last; }
 
-QualityResult TrainingQuality::evaluate(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm) {
+QualityResult TrainingQuality::evaluate(DiffusionModel& diffusion, dist::Communicator& comm) {
   torch::NoGradGuard no_grad;
   return evaluate_sample_quality(diffusion, comm, *network_, reference_, request_);
 }

@@ -59,7 +59,7 @@ class TrainingQuality {
   const std::string& weights_label() const { return weights_label_; }
   /// Samples and measures `diffusion` (collective; every rank returns the same result). A
   /// class-conditional model's sample i gets class i mod model.num_classes (cycled_classes).
-  QualityResult evaluate(model::GaussianDiffusionImpl& diffusion, dist::Communicator& comm);
+  QualityResult evaluate(DiffusionModel& diffusion, dist::Communicator& comm);
   const QualityRequest& request() const { return request_; }
   const FeatureNetworkInfo& network() const;
 

@@ -24,13 +24,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-std::string source_dir() { return std::getenv("DIFFUSE_SOURCE_DIR"); }
-
 class Conditional : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -53,7 +46,7 @@ class Conditional : public ::testing::Test {
   static CommandResult train(int ranks, const fs::path& run_dir, const std::string& extra = "",
                              const fs::path& dataset = {}) {
     std::string launcher = ranks > 1 ? mpirun(ranks) : std::string();
-    return run_command(launcher + diffuse_exe() + " train -c " + source_dir() + "/configs/tiny.yaml" +
+    return run_command(launcher + diffuse_exe() + " train -c " + (source_dir() / "configs/tiny.yaml").string() +
                        " --set data.path=" + (dataset.empty() ? data() : dataset).string() +
                        " --set model.num_classes=2 --run-dir " + run_dir.string() + " " + extra);
   }

@@ -22,12 +22,6 @@ namespace {
 namespace fs = std::filesystem;
 namespace json = util::json;
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-fs::path source_dir() { return std::getenv("DIFFUSE_SOURCE_DIR"); }
 fs::path fixtures() { return source_dir() / "tests/trainer/fixtures"; }
 std::string features() { return (fixtures() / "tiny_features.pt").string(); }
 

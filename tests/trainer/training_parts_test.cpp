@@ -103,6 +103,97 @@ TEST(Config, BadValuesFailValidationByName) {
   }
 }
 
+TEST(Config, FormulationKeysOfTheOtherTypeAreRefusedByName) {
+  struct Case {
+    std::vector<std::string> assignments;
+    std::string key, why;
+  };
+  const std::vector<Case> cases{
+      // gaussian-only keys under elucidated, and the reverse
+      {{"diffusion.type=elucidated", "model.learned_sinusoidal_cond=true", "diffusion.timesteps=50"},
+       "diffusion.timesteps", "belongs to diffusion.type: gaussian"},
+      {{"diffusion.type=elucidated", "model.learned_sinusoidal_cond=true", "diffusion.timestep_sampler=loss-aware"},
+       "diffusion.timestep_sampler", "belongs to diffusion.type: gaussian"},
+      {{"diffusion.sigma_data=0.3"}, "diffusion.sigma_data", "belongs to diffusion.type: elucidated"},
+      // the network's keys
+      {{"model.type=karras_unet", "diffusion.type=elucidated", "model.dim_mults=[1,2]"}, "model.dim_mults",
+       "belongs to model.type: unet"},
+      {{"model.num_downsamples=2"}, "model.num_downsamples", "belongs to model.type: karras_unet"},
+      {{"model.type=karras_unet"}, "model.type", "set diffusion.type: elucidated"},
+      {{"diffusion.type=elucidated"}, "model.learned_sinusoidal_cond", "the reference asserts it"},
+      {{"model.learned_sinusoidal_cond=true"}, "model.learned_sinusoidal_cond", "refuses a Fourier-time U-Net"},
+      {{"diffusion.type=elucidated", "model.random_fourier_features=true", "model.num_classes=3"}, "model.num_classes",
+       "passes its network no labels"},
+      // ranges
+      {{"diffusion.type=elucidated", "model.learned_sinusoidal_cond=true", "diffusion.sigma_max=0.001"},
+       "diffusion.sigma_max", "> diffusion.sigma_min"},
+      {{"model.type=karras_unet", "diffusion.type=elucidated", "model.dim_max=4", "model.dim=8"}, "model.dim_max",
+       ">= model.dim"},
+      {{"model.type=karras_unet", "diffusion.type=elucidated", "data.image_size=20"}, "data.image_size",
+       "2^model.num_downsamples"},
+      {{"diffusion.type=elucidated", "model.learned_sinusoidal_cond=true", "eval.every=10", "eval.features=f.pt",
+        "eval.ref=r.h5", "eval.sampler=ddim"},
+       "eval.sampler", "auto, heun or dpmpp"},
+      {{"eval.every=10", "eval.features=f.pt", "eval.ref=r.h5", "eval.sampler=heun"}, "eval.sampler",
+       "auto, ddim or ddpm"},
+  };
+  for (const auto& c : cases) {
+    Config config;
+    config.data.path = "x.h5";
+    auto message = error_of([&] {
+      for (const auto& assignment : c.assignments) config.apply_override(assignment);
+      config.validate();
+    });
+    EXPECT_NE(message.find("config key " + c.key), std::string::npos) << c.key << ": " << message;
+    EXPECT_NE(message.find(c.why), std::string::npos) << c.key << ": " << message;
+  }
+  // The two formulations' own configurations validate, and karras_unet needs no unet key.
+  for (const std::vector<std::string>& ok :
+       {std::vector<std::string>{"diffusion.type=elucidated", "model.learned_sinusoidal_cond=true"},
+        std::vector<std::string>{"diffusion.type=elucidated", "model.random_fourier_features=true",
+                                 "diffusion.P_mean=-0.4", "diffusion.S_churn=0"},
+        std::vector<std::string>{"model.type=karras_unet", "diffusion.type=elucidated", "data.image_size=64"}}) {
+    Config config;
+    config.data.path = "x.h5";
+    for (const auto& assignment : ok) config.apply_override(assignment);
+    EXPECT_NO_THROW(config.validate()) << ok.back();
+  }
+}
+
+TEST(Config, PosthocEmaIsANestedGroupThatRoundTrips) {
+  auto nested = Config::from_yaml(
+      "data:\n  path: x.h5\nema:\n  posthoc:\n    sigma_rels: [0.05, 0.28]\n    snapshot_every: 500\n"
+      "    dtype: fp32\n");
+  EXPECT_EQ(nested.ema.posthoc_sigma_rels, (std::vector<double>{0.05, 0.28}));
+  EXPECT_EQ(nested.ema.posthoc_snapshot_every, 500);
+  EXPECT_EQ(nested.ema.posthoc_dtype, SnapshotDtype::kFp32);
+  EXPECT_NO_THROW(nested.validate());
+  // Written with dotted keys, read back the same; --set takes the dotted key too.
+  EXPECT_EQ(Config::from_yaml(nested.to_yaml()).to_yaml(), nested.to_yaml());
+  Config flat;
+  flat.apply_override("ema.posthoc.sigma_rels=[0.05,0.28]");
+  flat.apply_override("ema.posthoc.snapshot_every=500");
+  flat.apply_override("ema.posthoc.dtype=fp32");
+  flat.data.path = "x.h5";
+  EXPECT_EQ(flat.to_yaml(), nested.to_yaml());
+
+  auto unknown = error_of([] { Config::from_yaml("ema:\n  posthoc:\n    sigma_rel: [0.1]\n"); });
+  EXPECT_NE(unknown.find("unknown config key 'ema.posthoc.sigma_rel'"), std::string::npos) << unknown;
+  for (const auto& [assignments, key] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"ema.posthoc.sigma_rels=[0.4]", "ema.posthoc.snapshot_every=10"}, "ema.posthoc.sigma_rels"},
+           {{"ema.posthoc.sigma_rels=[0.1,0.1]", "ema.posthoc.snapshot_every=10"}, "ema.posthoc.sigma_rels"},
+           {{"ema.posthoc.sigma_rels=[0.1]"}, "ema.posthoc.snapshot_every"},
+           {{"ema.posthoc.snapshot_every=10"}, "ema.posthoc.snapshot_every"}}) {
+    Config config;
+    config.data.path = "x.h5";
+    auto message = error_of([&] {
+      for (const auto& assignment : assignments) config.apply_override(assignment);
+      config.validate();
+    });
+    EXPECT_NE(message.find("config key " + key), std::string::npos) << message;
+  }
+}
+
 TEST(Config, OverridesParseYamlValues) {
   Config config;
   config.apply_override("model.dim_mults=[1,2,4]");
@@ -637,7 +728,7 @@ TEST(ModelFactory, NumClassesBuildsTheConditionalUnet) {
   EXPECT_EQ(diffusion->num_classes(), 3);
   EXPECT_EQ(diffusion->conditional_model->options().cond_drop_prob, 0.2);
   EXPECT_EQ(diffusion->conditional_model->options().attn_heads, 2);
-  EXPECT_NE(unet_options_json(config.model).find("\"num_classes\""), std::string::npos);
+  EXPECT_NE(unet_options_json(config).find("\"num_classes\""), std::string::npos);
   EXPECT_FALSE(build_diffusion(Config{})->conditional());
   // Keys the conditional U-Net lacks are refused by name, not ignored.
   for (const char* set : {"model.self_condition=true", "model.learned_variance=true", "model.dropout=0.1",

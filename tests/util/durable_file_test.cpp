@@ -18,13 +18,7 @@ namespace {
 namespace fs = std::filesystem;
 using testing::error_of;
 using testing::TempDir;
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+using testing::read_file;
 
 // Names in `dir` other than the ones given: a leftover temporary would show up here.
 std::vector<std::string> other_names(const fs::path& dir, const std::set<std::string>& expected) {
