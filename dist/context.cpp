@@ -19,8 +19,11 @@
 namespace diffuse::dist {
 
 std::optional<LauncherWorld> launcher_world_size() {
-  // Order matters: under srun with PMIx, SLURM_NTASKS is the truth even if OMPI_* is also set.
-  for (const char* name : {"SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"}) {
+  // OpenMPI's daemon sets OMPI_COMM_WORLD_SIZE for every rank it starts (srun, also with PMIx,
+  // does not), so it comes first: `mpirun` inside a Slurm allocation starts its daemons on the
+  // other nodes with srun (one task per node), and the ranks there inherit that step's
+  // SLURM_STEP_ID and SLURM_NTASKS=1, the daemons' step, not the job's world.
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE", "PMIX_SIZE"}) {
     const char* value = std::getenv(name);
     if (value == nullptr || *value == '\0') continue;
     char* end = nullptr;
@@ -97,7 +100,15 @@ Context Context::init(int* argc, char*** argv) {
   gethostname(host, sizeof(host) - 1);
   ctx.world_.hostname = host;
 
-  check_launcher_world(launcher_world_size(), ctx.world_.world_size);
+  try {
+    check_launcher_world(launcher_world_size(), ctx.world_.world_size);
+  } catch (const std::exception&) {
+    // With several ranks, some may have passed the check and gone on: MPI_Finalize here would
+    // wait for them forever, before main() could even print why. Exiting without it lets the
+    // launcher end the job (mpirun, srun --kill-on-bad-exit) with the message shown.
+    if (ctx.world_.world_size > 1) ctx.owns_mpi_ = false;
+    throw;
+  }
   return ctx;
 }
 

@@ -62,6 +62,17 @@ TEST(LauncherWorld, SlurmStepTasksWinButAnAllocationAloneDoesNotCount) {
   EXPECT_EQ(launcher_world_size()->size, 8);
 }
 
+// mpirun inside a Slurm allocation: on the other nodes the ranks are children of an orted that
+// srun started as a step of one task, whose SLURM_* they inherit.
+TEST(LauncherWorld, OpenMpisWorldWinsOverTheStepOfItsDaemon) {
+  LauncherEnvironment env;
+  env.set("SLURM_NTASKS", "1");
+  env.set("SLURM_STEP_ID", "0");
+  env.set("OMPI_COMM_WORLD_SIZE", "4");
+  EXPECT_EQ(launcher_world_size()->variable, "OMPI_COMM_WORLD_SIZE");
+  EXPECT_EQ(launcher_world_size()->size, 4);
+}
+
 TEST(LauncherWorld, IgnoresValuesThatAreNotCounts) {
   LauncherEnvironment env;
   env.set("OMPI_COMM_WORLD_SIZE", "four");
