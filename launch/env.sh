@@ -17,7 +17,8 @@ _pyver="$("$DIFFUSE_PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.v
 DIFFUSE_TORCH_VENV="${DIFFUSE_TORCH_VENV:-$DIFFUSE_CACHE/torch-$DIFFUSE_TORCH_VERSION-py$_pyver}"
 DIFFUSE_BUILD_DIR="${DIFFUSE_BUILD_DIR:-$DIFFUSE_ROOT/build}"
 DIFFUSE_CUDA="${DIFFUSE_CUDA:-AUTO}"
-DIFFUSE_EXE="$DIFFUSE_BUILD_DIR/bin/diffuse"
+# A DIFFUSE_EXE from the caller wins (train.sbatch documents it, also for LAUNCHER=mpirun).
+DIFFUSE_EXE="${DIFFUSE_EXE:-$DIFFUSE_BUILD_DIR/bin/diffuse}"
 
 # ccache: keyed on content, shared across clones (paths made relative to the clone), and told
 # that the precompiled torch header is safe to cache.
