@@ -59,6 +59,28 @@ TEST(Config, ShippedConfigsParseAndValidate) {
   EXPECT_GE(count, 5);
 }
 
+// bench/formulations.sh compares these two configs as "DDPM vs EDM with everything else equal";
+// a change to one of them alone (data, optimizer, batch, EMA, network shape) would make that
+// comparison quietly unfair.
+TEST(Config, Mnist32EdmDiffersFromMnist32OnlyInTheFormulation) {
+  auto dir = std::filesystem::path(std::getenv("DIFFUSE_SOURCE_DIR")) / "configs";
+  auto ddpm = Config::from_yaml_file(dir / "mnist32.yaml").values();
+  auto edm = Config::from_yaml_file(dir / "mnist32-edm.yaml").values();
+  ASSERT_EQ(ddpm.size(), edm.size());
+  const std::set<std::string> formulation_keys{
+      "diffusion.type", "diffusion.timesteps", "diffusion.objective", "diffusion.beta_schedule",
+      "model.learned_sinusoidal_cond", "model.learned_sinusoidal_dim",  // EDM's Unet needs Fourier time
+      "ema.posthoc.sigma_rels", "ema.posthoc.snapshot_every",           // EDM2's post-hoc EMA, on top
+      "log.sample_steps"};                                              // Heun costs 2 evaluations a step
+  std::set<std::string> differing;
+  for (size_t i = 0; i < ddpm.size(); ++i) {
+    ASSERT_EQ(ddpm[i].first, edm[i].first);
+    if (ddpm[i].second != edm[i].second) differing.insert(ddpm[i].first);
+  }
+  for (const auto& key : differing) EXPECT_TRUE(formulation_keys.count(key)) << key << " differs";
+  EXPECT_TRUE(differing.count("diffusion.type"));
+}
+
 TEST(Config, UnknownKeyNamesItAndTheAllowedKeys) {
   auto message = error_of([] { Config::from_yaml("train:\n  stepz: 10\n"); });
   EXPECT_NE(message.find("train.stepz"), std::string::npos) << message;
